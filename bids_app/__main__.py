@@ -1,0 +1,3 @@
+from .cli.run import main_exit
+
+main_exit()

@@ -1,0 +1,247 @@
+"""Command-line parser of the BIDS App (pure argparse; no heavy imports).
+
+Follows the BIDS-Apps contract (positional ``bids_dir output_dir {participant,group}``) and
+NiPreps habits: kebab-case options with the underscore spellings of the standard BIDS-App
+flags as aliases, ``sub-``/``ses-`` prefixes stripped, and usage errors reported with the
+execution-spec code 64 instead of argparse's 2 (which the spec reserves for Bash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import UnknownAnalysisLevel, UsageError
+
+ANALYSIS_LEVELS = ("participant", "group")
+
+
+class UsageArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that exits with 64 (usage) or 17 (unknown analysis level)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.print_usage(sys.stderr)
+        code = UsageError.exit_code
+        if "analysis_level" in message and "invalid choice" in message:
+            code = UnknownAnalysisLevel.exit_code
+        self.exit(code, f"{self.prog}: error: {message}\n")
+
+
+def _strip_prefix(prefix: str):
+    def convert(value: str) -> str:
+        value = value.strip()
+        if value.startswith(prefix):
+            value = value[len(prefix):]
+        if not value or not value.isalnum():
+            raise argparse.ArgumentTypeError(f"invalid label {value!r}: BIDS labels are alphanumeric")
+        return value
+
+    return convert
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"directory does not exist: {value}")
+    return path.resolve()
+
+
+def _probability(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return number
+
+
+def _nonnegative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def parse_memory_gb(value: str) -> float:
+    """``--mem`` values: a plain number is GB; suffixes ``K``/``M``/``G``/``T`` (with an
+    optional ``B``) are accepted as in SLURM and fMRIPrep (``16G``, ``16000MB``)."""
+    text = value.strip().upper().rstrip("B")
+    factors = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0}
+    factor = 1.0
+    if text and text[-1] in factors:
+        factor = factors[text[-1]]
+        text = text[:-1]
+    try:
+        number = float(text) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid memory size {value!r} (examples: 8, 8G, 8000MB)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"memory must be positive, got {value!r}")
+    return number
+
+
+def _filter_file(value: str) -> dict:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"BIDS filter file does not exist: {value}")
+    try:
+        filters = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"BIDS filter file {value} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+            'expected e.g. {"t1w": {"acquisition": "MPRAGE"}}'
+        ) from None
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
+        raise argparse.ArgumentTypeError(
+            f"BIDS filter file {value} must map channel names to entity filters, "
+            'e.g. {"t1w": {"acquisition": "MPRAGE"}}'
+        )
+    return filters
+
+
+def _plugin_args(value: str) -> dict:
+    try:
+        args = json.loads(value)
+    except json.JSONDecodeError:
+        path = Path(value)
+        if path.is_file():
+            try:
+                args = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise argparse.ArgumentTypeError(f"--plugin-args file {value} is not JSON: {exc.msg}") from None
+        else:
+            raise argparse.ArgumentTypeError(f"--plugin-args must be JSON or a JSON file: {value!r}") from None
+    if not isinstance(args, dict):
+        raise argparse.ArgumentTypeError("--plugin-args must be a JSON object")
+    return args
+
+
+def build_parser() -> UsageArgumentParser:
+    """The ``msxplain`` argument parser."""
+    from .. import __version__
+
+    parser = UsageArgumentParser(
+        prog="msxplain",
+        description=(
+            "msxplain: segment multiple-sclerosis lesions (white-matter and cortical) with an "
+            "nnU-Net ensemble, and say per voxel, lesion and patient how certain the model is "
+            "and why it decided. Writes BIDS derivatives with provenance."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset")
+    parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
+    parser.add_argument(
+        "analysis_level",
+        choices=ANALYSIS_LEVELS,
+        help="participant: process sessions; group: aggregate existing participant outputs",
+    )
+    parser.add_argument("--version", action="version", version=f"msxplain {__version__}")
+
+    sel = parser.add_argument_group("Selecting inputs")
+    sel.add_argument(
+        "--participant-label", "--participant_label", dest="participant_label", nargs="+",
+        type=_strip_prefix("sub-"), metavar="LABEL",
+        help="participants to process (the 'sub-' prefix is optional); default: all",
+    )
+    sel.add_argument(
+        "--session-label", "--session_label", dest="session_label", nargs="+",
+        type=_strip_prefix("ses-"), metavar="LABEL",
+        help="sessions to process (the 'ses-' prefix is optional); default: all",
+    )
+    sel.add_argument(
+        "--bids-filter-file", "--bids_filter_file", dest="bids_filters", type=_filter_file, metavar="FILE",
+        help="JSON mapping model channels (e.g. 't1w', 'flair') to extra PyBIDS entity filters; "
+        "overrides the model card's queries, e.g. {\"t1w\": {\"acquisition\": \"MPRAGE\", \"run\": 2}}",
+    )
+    sel.add_argument(
+        "--skip-bids-validation", "--skip_bids_validation", "--skip_bids_validator",
+        dest="skip_bids_validation", action="store_true",
+        help="do not validate the input dataset with the BIDS validator",
+    )
+    sel.add_argument(
+        "--reference-masks", dest="reference_masks", type=Path, metavar="DIR",
+        help="a BIDS derivatives folder with manual lesion masks: switches on the evaluation",
+    )
+
+    model = parser.add_argument_group("Model and post-processing")
+    model.add_argument(
+        "--model", default="demo", metavar="NAME|DIR|ZIP",
+        help="a bundled model name, a model folder (nnU-Net results folder with an msxplain "
+        "model card) or an nnUNetv2_export_model_to_zip archive",
+    )
+    model.add_argument(
+        "--model-card", dest="model_card", type=Path, metavar="FILE",
+        help="model card JSON to use instead of the one beside the model",
+    )
+    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where the networks run; auto picks CUDA when a GPU is visible")
+    model.add_argument("--folds", nargs="+", metavar="FOLD",
+                       help="ensemble members (fold names) to use; default: all in the model card")
+    model.add_argument("--no-tta", dest="tta", action="store_false",
+                       help="disable test-time mirroring (8x faster, slightly less accurate)")
+    model.add_argument("--threshold", type=_probability, metavar="P",
+                       help="lesion probability threshold; default: the model card's")
+    model.add_argument("--min-lesion-size", dest="min_lesion_size", type=_positive_int, metavar="VOXELS",
+                       help="smallest lesion kept, in voxels; default: the model card's")
+    model.add_argument("--connectivity", type=int, choices=(6, 18, 26),
+                       help="voxel connectivity that defines a lesion; default: the model card's")
+    model.add_argument("--skull-stripped", dest="skull_stripped", choices=("auto", "yes", "no"), default="auto",
+                       help="are the inputs skull-stripped? auto: decide from the image (exact zeros outside a "
+                       "brain-sized volume); no: build a brain mask by registering the MNI template")
+    model.add_argument("--save-member-probabilities", dest="save_member_probabilities", action="store_true",
+                       help="also write each ensemble member's lesion probabilities (large)")
+
+    perf = parser.add_argument_group("Performance and execution")
+    perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, metavar="DIR",
+                      help="Nipype working directory (re-use it to resume); default: OUTPUT_DIR/../work "
+                      "is not used: ./work")
+    perf.add_argument("--nprocs", "--nthreads", "--n-cpus", dest="nprocs", type=_positive_int, metavar="N",
+                      help="maximum number of parallel processes; default: CPUs available")
+    perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
+                      help="threads per process (torch); default: min(nprocs, 8)")
+    perf.add_argument("--mem", "--mem-gb", dest="mem_gb", type=parse_memory_gb, metavar="SIZE",
+                      help="memory cap for the scheduler (GB, or e.g. 16G / 16000MB)")
+    perf.add_argument("--plugin", choices=("MultiProc", "Linear", "SLURM", "SLURMGraph"), default="MultiProc",
+                      help="Nipype execution plugin")
+    perf.add_argument("--plugin-args", dest="plugin_args", type=_plugin_args, metavar="JSON",
+                      help="extra Nipype plugin arguments as JSON (or a JSON file), e.g. "
+                      "'{\"sbatch_args\": \"-p short --time=01:00:00\"}'")
+    perf.add_argument("--stop-on-first-crash", dest="stop_on_first_crash", action="store_true",
+                      help="stop everything at the first failing participant")
+    perf.add_argument("--write-graph", dest="write_graph", action="store_true",
+                      help="write the workflow graph (needs graphviz)")
+    perf.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    perf.add_argument("--notrack", action="store_true", help=argparse.SUPPRESS)  # NiPreps muscle memory
+
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; raises SystemExit(64/17) on usage errors like the BIDS-Apps spec asks."""
+    return build_parser().parse_args(argv)
+
+
+def default_nprocs() -> int:
+    """CPUs this process may use (respects affinity masks, e.g. SLURM's cgroups)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,297 @@
+"""``msxplain`` / ``run.py``: parse, check, build the graph, run it, report, return an exit code.
+
+Exit codes follow the BIDS Apps execution spec (see :mod:`bids_app.errors`). When some
+sessions fail and others succeed, the others are finished and written; the run then returns
+the exit code of the first failed session (sessions sorted by name) and prints one line per
+failed session with its message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import EXIT_SUCCESS, MsxplainError, exit_code_from_traceback, message_from_traceback
+
+LOGGER = logging.getLogger("bids_app")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity >= 2 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s | %(levelname)-7s | %(name)s | %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    logging.getLogger("bids").setLevel(logging.WARNING)
+
+
+def _route_nipype_logging(verbosity: int) -> None:
+    """Send Nipype's loggers through ours (one format, no duplicate lines); node-level chatter
+    only with -v, since the progress callback already reports each finished node."""
+    for name in ("nipype", "nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+        logger.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run msxplain; returns the BIDS-Apps exit code."""
+    from .parser import parse_args
+
+    try:
+        ns = parse_args(argv)
+    except SystemExit as exc:  # --help/--version (0) or usage errors (64/17)
+        return int(exc.code or 0)
+    _setup_logging(ns.verbose)
+    from ..config import Config
+
+    try:
+        config = Config.from_args(ns)
+        if config.execution.analysis_level == "participant":
+            return run_participant(config)
+        from ..group import run_group
+
+        return run_group(config)
+    except MsxplainError as exc:
+        LOGGER.error("%s", exc.one_line())
+        print(f"msxplain: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("msxplain: interrupted; re-run with the same --work-dir to resume.", file=sys.stderr)
+        return 130
+
+
+def main_exit() -> None:  # console-script entry point
+    sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------
+# Participant level
+# --------------------------------------------------------------------------------------
+def resolve_settings(config, model, digests: dict[str, str]):
+    """Model card defaults + user overrides -> :class:`~bids_app.workflows.base.PipelineSettings`."""
+    from ..core.segment import resolve_device
+    from ..models import CARD_NAME, model_provenance, select_members
+    from ..derivatives import atomic_write_text, dumps_json
+    from ..workflows.base import PipelineSettings
+
+    card = model.card
+    folds = select_members(model, list(config.model.folds) if config.model.folds else None)
+    device = resolve_device(config.model.device).type
+    post = config.postprocess
+    if model.card_path is not None:
+        card_file = model.card_path
+    else:  # an inferred card is written into the work folder so the nodes read the same one
+        card_file = config.execution.work_dir / f"inferred_{CARD_NAME}"
+        atomic_write_text(card_file, dumps_json(card.raw))
+    template_t1w = template_mask = None
+    try:
+        from ..templates import brain_mask_template
+
+        template_t1w, template_mask = brain_mask_template()
+    except MsxplainError as exc:
+        LOGGER.warning("No brain-mask template: %s (only skull-stripped inputs can be processed).", exc.one_line())
+    return PipelineSettings(
+        bids_dir=config.execution.bids_dir,
+        output_dir=config.execution.output_dir,
+        trainer_dir=model.trainer_dir,
+        card_file=Path(card_file),
+        label_indices=tuple(card.lesion_indices),
+        label_names=tuple(lab.name for lab in card.labels),
+        reference_channel=card.reference_channel,
+        skull_strip=card.skull_stripped_input,
+        folds=tuple(folds),
+        device=device,
+        tta=config.model.tta,
+        threshold=post.threshold if post.threshold is not None else card.threshold,
+        min_lesion_size=post.min_lesion_size if post.min_lesion_size is not None else card.min_lesion_size,
+        connectivity=post.connectivity if post.connectivity is not None else card.connectivity,
+        save_member_probabilities=config.model.save_member_probabilities,
+        omp_nthreads=config.resources.omp_nthreads,
+        model_provenance=model_provenance(model, folds, digests),
+        template_t1w=template_t1w,
+        template_mask=template_mask,
+        brain_mask_mode={"auto": "auto", "yes": "stripped", "no": "template"}[config.model.skull_stripped],
+    )
+
+
+def plugin_settings(config, settings) -> tuple[str, dict]:
+    """Nipype plugin name and arguments for this run."""
+    resources = config.resources
+    args = dict(resources.plugin_args)
+    if resources.plugin == "MultiProc":
+        args.setdefault("n_procs", resources.nprocs)
+        if resources.mem_gb:
+            args.setdefault("memory_gb", resources.mem_gb)
+        args.setdefault("raise_insufficient", False)
+        args.setdefault("mp_context", "forkserver")
+        args.setdefault("n_gpu_procs", 1 if settings.device == "cuda" else 0)
+    elif resources.plugin == "SLURMGraph":
+        args.setdefault("dont_resubmit_completed_jobs", True)
+    return resources.plugin, args
+
+
+def _session_of_node(node_name: str, sessions) -> str | None:
+    from ..workflows.base import session_wf_name
+
+    for session in sessions:
+        if session_wf_name(session) in node_name:
+            return session.name
+    return None
+
+
+def collect_crashes(crash_dir: Path, sessions) -> dict[str, tuple[int, str, Path]]:
+    """Map session name -> (exit code, one-line message, crash file) from Nipype crash files."""
+    failures: dict[str, tuple[int, str, Path]] = {}
+    for crash in sorted(crash_dir.glob("crash-*.txt"), key=lambda p: p.stat().st_mtime):
+        text = crash.read_text(errors="replace")
+        node = ""
+        for line in text.splitlines():
+            if line.startswith("Node:"):
+                node = line.split(":", 1)[1].strip()
+                break
+        session = _session_of_node(node or crash.name, sessions)
+        if session is None or session in failures:
+            continue
+        failures[session] = (exit_code_from_traceback(text), message_from_traceback(text), crash)
+    return failures
+
+
+def run_participant(config) -> int:
+    """The participant level: validate, resolve the model, discover, build, run, report."""
+    from nipype import config as nipype_config
+
+    from ..derivatives import remove_stale_staging, write_dataset_files
+    from ..discovery import discover, open_layout
+    from ..models import resolve_model, verify_members, select_members
+    from .. import __version__
+    from ..workflows.base import init_msxplain_wf
+
+    ex = config.execution
+    _route_nipype_logging(config.verbosity)
+    started = time.time()
+    LOGGER.info("msxplain %s, participant level, run %s", __version__, ex.run_uuid)
+    if not ex.skip_bids_validation:
+        from ..validation import require_valid
+
+        LOGGER.info("Validating %s with bids-validator-deno", ex.bids_dir)
+        require_valid(ex.bids_dir)
+
+    model = resolve_model(config.model.spec, card_path=config.model.card_path,
+                          cache_dir=ex.work_dir / "models")
+    folds = select_members(model, list(config.model.folds) if config.model.folds else None)
+    digests = verify_members(model, folds)
+    if model.card.demo:
+        LOGGER.warning("Model '%s' is a DEMO model trained on synthetic data (%s); its lesion maps are not "
+                       "clinically validated. Use --model for a real model.", model.card.id, model.card.name)
+    LOGGER.info("Model %s (%s), members %s, checkpoints verified (SHA-256)", model.card.id, model.trainer_dir,
+                ", ".join(folds))
+
+    layout = open_layout(ex.bids_dir)
+    sessions, failed = discover(layout, model.card, ex.participant_label, ex.session_label, ex.bids_filters)
+    for f in failed:
+        LOGGER.error("%s cannot be processed: %s", f.name, f.error.one_line())
+    if failed and ex.stop_on_first_crash:
+        raise failed[0].error
+
+    try:
+        ex.work_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from ..errors import CannotCreateOutput
+
+        raise CannotCreateOutput(f"Cannot create the work folder ({exc.strerror}).", path=str(ex.work_dir),
+                                 hint="choose a writable --work-dir.") from None
+    settings = resolve_settings(config, model, digests)
+    write_dataset_files(ex.output_dir, ex.bids_dir, __version__)
+    remove_stale_staging(ex.output_dir)
+    log_dir = ex.output_dir / "logs"
+    from ..derivatives import atomic_write_text, dumps_json
+
+    atomic_write_text(log_dir / f"config-{ex.run_uuid}.json", dumps_json({
+        "config": config.to_dict(), "parameters": settings.parameters(), "model": settings.model_provenance,
+        "sessions": [s.name for s in sessions], "argv": sys.argv}))
+
+    failures: dict[str, tuple[int, str, Path | None]] = {
+        f.name: (f.error.exit_code, f.error.one_line(), None) for f in failed}
+    if sessions:
+        crash_dir = ex.work_dir / "crash" / ex.run_uuid
+        crash_dir.mkdir(parents=True, exist_ok=True)
+        nipype_config.update_config({
+            "execution": {
+                "crashdump_dir": str(crash_dir),
+                "crashfile_format": "txt",
+                "stop_on_first_crash": ex.stop_on_first_crash,
+                "hash_method": "content",
+                "remove_unnecessary_outputs": False,
+                "check_version": False,
+                "poll_sleep_duration": 0.5,
+            },
+            "monitoring": {"enabled": False},
+        })
+        workflow = init_msxplain_wf(sessions, settings, base_dir=ex.work_dir,
+                                    name=f"msxplain_{__version__.replace('.', '_')}_wf")
+        if ex.write_graph:
+            try:
+                workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
+            except Exception as exc:  # noqa: BLE001 - graphviz may be absent
+                LOGGER.warning("Could not write the workflow graph: %s", exc)
+        _route_nipype_logging(config.verbosity)  # nipype re-reads its config above
+        plugin, plugin_args = plugin_settings(config, settings)
+        if plugin == "MultiProc":
+            plugin_args["status_callback"] = _progress_callback(len(sessions))
+        LOGGER.info("Running %d session(s) with Nipype %s (%s)", len(sessions), plugin,
+                    {k: v for k, v in plugin_args.items() if k != "status_callback"})
+        try:
+            workflow.run(plugin=plugin, plugin_args=plugin_args)
+        except RuntimeError as exc:
+            LOGGER.debug("Nipype reported failures: %s", exc)
+        for name, value in collect_crashes(crash_dir, sessions).items():
+            failures.setdefault(name, value)
+        _copy_crash_logs(failures, ex.output_dir, ex.run_uuid)
+    write_dataset_files(ex.output_dir, ex.bids_dir, __version__)
+
+    n_ok = len(sessions) - len([s for s in sessions if s.name in failures])
+    LOGGER.info("Finished in %.0f s: %d session(s) written, %d failed.", time.time() - started, n_ok, len(failures))
+    if not failures:
+        return EXIT_SUCCESS
+    for name in sorted(failures):
+        code, message, crash = failures[name]
+        line = f"msxplain: {name} failed (exit code {code}): {message}"
+        if crash is not None:
+            line += f" [details: {crash}]"
+        print(line, file=sys.stderr)
+    return failures[sorted(failures)[0]][0]
+
+
+def _progress_callback(n_sessions: int):
+    """A MultiProc status callback that logs progress per node."""
+    state = {"done": 0}
+
+    def callback(node, status):
+        if status == "end":
+            state["done"] += 1
+        if status in ("end", "exception"):
+            LOGGER.info("[%s] %s %s", state["done"], node.fullname.split(".", 1)[-1],
+                        "finished" if status == "end" else "FAILED")
+
+    return callback
+
+
+def _copy_crash_logs(failures, output_dir: Path, run_uuid: str) -> None:
+    import shutil
+
+    for name, (code, message, crash) in failures.items():
+        sub = name.split("_")[0]
+        dest = output_dir / sub / "log" / run_uuid
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            (dest / f"{name}_error.json").write_text(json.dumps(
+                {"session": name, "exit_code": code, "message": message}, indent=2) + "\n")
+            if crash is not None:
+                shutil.copy(crash, dest / crash.name)
+        except OSError:
+            LOGGER.warning("Could not write the error log of %s into %s", name, dest)

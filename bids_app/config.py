@@ -1,0 +1,175 @@
+"""Run configuration: one frozen object, built once from the command line, passed explicitly.
+
+No module-level singleton (fMRIPrep's ``config`` module is the cautionary example in
+``architecture.md`` §1.7): the workflow builders receive a :class:`Config`, Nipype workers
+receive plain traits. ``Config.to_dict()`` is what the run records in its log folder, and
+``Config.from_dict()`` reads it back (``--config-file``) so a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import CannotCreateOutput, MissingInput, UsageError
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    participant_label: tuple[str, ...] | None = None
+    session_label: tuple[str, ...] | None = None
+    bids_filters: dict[str, dict] | None = None
+    skip_bids_validation: bool = False
+    reference_masks: Path | None = None
+    stop_on_first_crash: bool = False
+    write_graph: bool = False
+    reports_only: bool = False
+    run_uuid: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    spec: str = "demo"
+    card_path: Path | None = None
+    device: str = "auto"
+    folds: tuple[str, ...] | None = None
+    tta: bool = True
+    save_member_probabilities: bool = False
+    skull_stripped: str = "auto"
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """User overrides; None means "the model card's value"."""
+
+    threshold: float | None = None
+    min_lesion_size: int | None = None
+    connectivity: int | None = None
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    mem_gb: float | None = None
+    plugin: str = "MultiProc"
+    plugin_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    execution: ExecutionConfig
+    model: ModelConfig
+    postprocess: PostprocessConfig
+    resources: ResourceConfig
+    verbosity: int = 0
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> Config:
+        """Build and cross-check the configuration (the checks fMRIPrep's parser does).
+
+        Raises
+        ------
+        MissingInput
+            ``bids_dir`` does not exist.
+        UsageError
+            Output or work folder inside the input dataset; input inside the output.
+        """
+        from .cli.parser import default_nprocs
+
+        bids_dir = Path(ns.bids_dir).expanduser()
+        if not bids_dir.is_dir():
+            raise MissingInput("The BIDS dataset folder does not exist.", path=str(bids_dir),
+                               hint="check the first positional argument.")
+        bids_dir = bids_dir.resolve()
+        output_dir = Path(os.path.abspath(Path(ns.output_dir).expanduser()))
+        if output_dir.exists() and not output_dir.is_dir():
+            raise CannotCreateOutput("The output path exists and is not a folder.", path=str(output_dir),
+                                     hint="choose a folder for the derivatives.")
+        real_out = Path(os.path.realpath(output_dir))
+        if real_out == bids_dir or bids_dir in real_out.parents:
+            if not (real_out.relative_to(bids_dir).parts[:1] == ("derivatives",)):
+                raise UsageError("The output folder is inside the input BIDS dataset.", path=str(output_dir),
+                                 hint="write derivatives outside the dataset, or under <bids_dir>/derivatives/.")
+        if real_out in bids_dir.parents:
+            raise UsageError("The input BIDS dataset is inside the output folder.", path=str(output_dir),
+                             hint="choose an output folder that does not contain the input dataset.")
+        work_dir = Path(os.path.abspath(Path(ns.work_dir).expanduser())) if getattr(ns, "work_dir", None) \
+            else Path(os.path.abspath("work"))
+        real_work = Path(os.path.realpath(work_dir))
+        if real_work == bids_dir or bids_dir in real_work.parents:
+            raise UsageError("The work folder is inside the input BIDS dataset.", path=str(work_dir),
+                             hint="use -w/--work-dir outside the dataset.")
+        nprocs = getattr(ns, "nprocs", None) or default_nprocs()
+        omp = getattr(ns, "omp_nthreads", None) or max(1, min(nprocs, 8))
+        if omp > nprocs:
+            raise UsageError(f"--omp-nthreads {omp} exceeds --nprocs {nprocs}.", hint="lower --omp-nthreads.")
+        run_uuid = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"
+        execution = ExecutionConfig(
+            bids_dir=bids_dir,
+            output_dir=output_dir,
+            analysis_level=ns.analysis_level,
+            work_dir=work_dir,
+            participant_label=tuple(dict.fromkeys(ns.participant_label)) if ns.participant_label else None,
+            session_label=tuple(dict.fromkeys(ns.session_label)) if ns.session_label else None,
+            bids_filters=ns.bids_filters,
+            skip_bids_validation=bool(ns.skip_bids_validation),
+            reference_masks=Path(ns.reference_masks).resolve() if getattr(ns, "reference_masks", None) else None,
+            stop_on_first_crash=bool(ns.stop_on_first_crash),
+            write_graph=bool(getattr(ns, "write_graph", False)),
+            reports_only=bool(getattr(ns, "reports_only", False)),
+            run_uuid=run_uuid,
+        )
+        if execution.reference_masks is not None and not execution.reference_masks.is_dir():
+            raise MissingInput("The --reference-masks folder does not exist.", path=str(execution.reference_masks),
+                               hint="point it at a BIDS derivatives folder with the manual lesion masks.")
+        model = ModelConfig(
+            spec=str(ns.model),
+            card_path=Path(ns.model_card).resolve() if getattr(ns, "model_card", None) else None,
+            device=ns.device,
+            folds=tuple(str(f) for f in ns.folds) if ns.folds else None,
+            tta=bool(ns.tta),
+            save_member_probabilities=bool(ns.save_member_probabilities),
+            skull_stripped=str(getattr(ns, "skull_stripped", "auto")),
+        )
+        post = PostprocessConfig(threshold=ns.threshold, min_lesion_size=ns.min_lesion_size,
+                                 connectivity=ns.connectivity)
+        resources = ResourceConfig(nprocs=int(nprocs), omp_nthreads=int(omp), mem_gb=ns.mem_gb,
+                                   plugin=ns.plugin, plugin_args=dict(ns.plugin_args or {}))
+        return cls(execution=execution, model=model, postprocess=post, resources=resources,
+                   verbosity=int(getattr(ns, "verbose", 0) or 0))
+
+    # ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dictionary (paths as strings, tuples as lists)."""
+
+        def convert(obj):
+            if dataclasses.is_dataclass(obj):
+                return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            if isinstance(obj, Path):
+                return str(obj)
+            if isinstance(obj, (list, tuple)):
+                return [convert(v) for v in obj]
+            if isinstance(obj, dict):
+                return {k: convert(v) for k, v in obj.items()}
+            return obj
+
+        return convert(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **sections) -> Config:
+        return dataclasses.replace(self, **sections)

@@ -1,0 +1,382 @@
+"""Conforming the inputs: canonical orientation, co-registration, brain mask.
+
+* **Orientation.** The network sees every image in RAS+ voxel order (the orientation of its
+  training data, checked by nnU-Net's ``NibabelIOWithReorient``); reorientation is an exact
+  permutation/flip of the voxel grid, so outputs are mapped back to the raw reference image's
+  own voxel order with :func:`from_canonical` and land on exactly the grid the user gave.
+* **Co-registration.** Secondary channels (e.g. FLAIR) are rigidly registered to the
+  reference channel (e.g. T1w) with SimpleITK, Mattes mutual information, a 3-level pyramid
+  and a geometry-centred start, single-threaded with a fixed sampling seed so that reruns are
+  bit-identical. When both images share one grid (same shape and affine), they are taken as
+  already aligned and nothing is resampled.
+* **Brain mask.** Skull-stripped input is recognised from its support (exact zeros outside a
+  brain-sized volume); otherwise the MNI152NLin2009cAsym template is registered (affine, MI)
+  to the reference image and its brain mask is carried over.
+
+Every function is pure (arrays in, arrays out); SimpleITK images only live inside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+
+from ..errors import BadInputData
+from .imageio import Image
+
+#: a skull-stripped brain occupies this many litres (adult brain ~1.1-1.7 L; a head 3-5 L)
+BRAIN_VOLUME_LITRES = (0.6, 2.4)
+#: ... and at least this fraction of the field of view is exactly zero
+STRIPPED_MIN_ZERO_FRACTION = 0.2
+#: FLAIR and T1w must share at least this fraction of the reference field of view
+MIN_FOV_OVERLAP = 0.3
+#: registration seed: fixed so that reruns give identical derivatives
+REGISTRATION_SEED = 20250101
+
+
+# --------------------------------------------------------------------------------------
+# Orientation
+# --------------------------------------------------------------------------------------
+def to_canonical(image: Image) -> tuple[Image, np.ndarray]:
+    """Reorient to RAS+ voxel order.
+
+    Returns
+    -------
+    canonical : Image
+        Same voxels, permuted/flipped so that axes point to R, A, S.
+    ornt : ndarray, shape (3, 2)
+        nibabel orientation of the original image (input to :func:`from_canonical`).
+    """
+    ornt = nio.io_orientation(image.affine)
+    transform = nio.ornt_transform(ornt, nio.axcodes2ornt("RAS"))
+    data = nio.apply_orientation(image.data, transform)
+    affine = image.affine @ nio.inv_ornt_aff(transform, image.data.shape)
+    return Image(np.ascontiguousarray(data), affine, image.path), ornt
+
+
+def from_canonical(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Map an array on the canonical (RAS+) grid back to the original voxel order.
+
+    Parameters
+    ----------
+    data : ndarray, shape (..., X, Y, Z)
+        Leading axes (e.g. members, classes) are kept.
+    ornt : ndarray, shape (3, 2)
+        As returned by :func:`to_canonical`.
+    """
+    transform = nio.ornt_transform(nio.axcodes2ornt("RAS"), ornt)
+    lead = data.ndim - 3
+    if lead == 0:
+        return np.ascontiguousarray(nio.apply_orientation(data, transform))
+    flat = data.reshape((-1,) + data.shape[lead:])
+    out = np.stack([nio.apply_orientation(v, transform) for v in flat])
+    return np.ascontiguousarray(out.reshape(data.shape[:lead] + out.shape[1:]))
+
+
+def same_grid(a: Image, b: Image, tol_mm: float = 1e-3) -> bool:
+    """True when two images share shape and voxel-to-world mapping."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=tol_mm)
+
+
+# --------------------------------------------------------------------------------------
+# SimpleITK bridges
+# --------------------------------------------------------------------------------------
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def to_sitk(image: Image, dtype=np.float32):
+    """nibabel-convention Image -> SimpleITK image in the same physical space (LPS inside ITK)."""
+    import SimpleITK as sitk
+
+    data = np.asarray(image.data, dtype=dtype)
+    itk = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    zooms = np.asarray(image.zooms)
+    direction_ras = image.affine[:3, :3] / zooms
+    itk.SetSpacing([float(z) for z in zooms])
+    itk.SetDirection([float(v) for v in (_RAS_TO_LPS @ direction_ras).ravel()])
+    itk.SetOrigin([float(v) for v in _RAS_TO_LPS @ image.affine[:3, 3]])
+    return itk
+
+
+def from_sitk_array(itk) -> np.ndarray:
+    """SimpleITK image -> array in nibabel voxel order (X, Y, Z)."""
+    import SimpleITK as sitk
+
+    return np.ascontiguousarray(sitk.GetArrayFromImage(itk).transpose(2, 1, 0))
+
+
+def fov_overlap(reference: Image, moving: Image) -> float:
+    """Fraction of the reference field of view (world bounding box) covered by the moving one."""
+
+    def bbox(img: Image):
+        shape = np.array(img.shape) - 1
+        corners = np.array([[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])], float)
+        world = corners @ img.affine.T
+        return world[:, :3].min(0), world[:, :3].max(0)
+
+    (a0, a1), (b0, b1) = bbox(reference), bbox(moving)
+    inter = np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None)
+    volume = np.prod(np.maximum(a1 - a0, 1e-6))
+    return float(np.prod(inter) / volume)
+
+
+# --------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------
+class _single_threaded_itk:
+    """ITK filters split work across threads and sum in thread order, which changes the last
+    bits of a registration from run to run; one thread makes reruns bit-identical (the
+    registrations here take seconds, so the cost is small)."""
+
+    def __enter__(self):
+        import SimpleITK as sitk
+
+        self._previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+    def __exit__(self, *exc):
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self._previous)
+        return False
+
+
+@dataclass(frozen=True)
+class RigidTransform:
+    """A rigid transform from reference (fixed) space to moving space, in ITK's LPS convention.
+
+    ``parameters`` are Euler3DTransform's (3 angles in rad, 3 translations in mm) and
+    ``fixed_parameters`` its centre (mm), exactly as SimpleITK writes them to a ``.txt``
+    transform file, so the file can be read by ANTs and ITK-SNAP.
+    """
+
+    parameters: tuple[float, ...]
+    fixed_parameters: tuple[float, ...]
+    metric_before: float
+    metric_after: float
+    identity: bool
+
+    def to_sitk(self):
+        import SimpleITK as sitk
+
+        t = sitk.Euler3DTransform()
+        t.SetFixedParameters(self.fixed_parameters)
+        t.SetParameters(self.parameters)
+        return t
+
+    @property
+    def translation_mm(self) -> float:
+        return float(np.linalg.norm(self.parameters[3:6]))
+
+    @property
+    def rotation_deg(self) -> float:
+        return float(np.degrees(np.max(np.abs(self.parameters[:3]))))
+
+
+def _normalised_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    if mask.sum() < 10:
+        return 0.0
+    x = a[mask].astype(np.float64)
+    y = b[mask].astype(np.float64)
+    x -= x.mean()
+    y -= y.mean()
+    denom = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def register_rigid(reference: Image, moving: Image, *, max_iterations: int = 200) -> RigidTransform:
+    with _single_threaded_itk():
+        return _register_rigid(reference, moving, max_iterations)
+
+
+def _register_rigid(reference: Image, moving: Image, max_iterations: int) -> RigidTransform:
+    """Rigidly register ``moving`` to ``reference`` (Mattes MI, 3-level pyramid).
+
+    Parameters
+    ----------
+    reference, moving : Image
+        Any orientation and grid; physical space from their affines.
+
+    Returns
+    -------
+    RigidTransform
+        ``metric_before``/``metric_after`` are the Mattes MI values (lower is better).
+
+    Raises
+    ------
+    BadInputData
+        The fields of view do not overlap (headers place the images in different places).
+    """
+    import SimpleITK as sitk
+
+    overlap = fov_overlap(reference, moving)
+    if overlap < MIN_FOV_OVERLAP:
+        raise BadInputData(
+            f"The images do not overlap in space (only {overlap:.0%} of the reference field of view is covered).",
+            path=moving.path,
+            hint="check the NIfTI headers (qform/sform, origin) of both images.",
+        )
+    fixed = sitk.Normalize(to_sitk(reference))
+    mov = sitk.Normalize(to_sitk(moving))
+    initial = sitk.CenteredTransformInitializer(
+        fixed, mov, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
+    # Start from the headers' alignment (the images come from one session): only the centre
+    # of rotation is taken from the geometry, not a translation between the two centres.
+    initial = sitk.Euler3DTransform(initial)
+    initial.SetTranslation((0.0, 0.0, 0.0))
+
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(1)  # identical results run after run
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.REGULAR)
+    reg.SetMetricSamplingPercentage(0.25, REGISTRATION_SEED)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-4, numberOfIterations=max_iterations, gradientMagnitudeTolerance=1e-6
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(initial, inPlace=False)
+    before = reg.MetricEvaluate(fixed, mov)
+    final = reg.Execute(fixed, mov)
+    euler = sitk.Euler3DTransform(final.GetNthTransform(0) if hasattr(final, "GetNthTransform") else final)
+    reg.SetInitialTransform(euler, inPlace=False)
+    after = reg.MetricEvaluate(fixed, mov)
+    if after > before:
+        # The optimiser ended worse than the scanner headers' alignment (same-session images
+        # usually are aligned already): keep the headers.
+        return RigidTransform((0.0,) * 6, tuple(float(p) for p in euler.GetFixedParameters()),
+                              float(before), float(before), True)
+    return RigidTransform(
+        parameters=tuple(float(p) for p in euler.GetParameters()),
+        fixed_parameters=tuple(float(p) for p in euler.GetFixedParameters()),
+        metric_before=float(before),
+        metric_after=float(after),
+        identity=False,
+    )
+
+
+def identity_transform(reference: Image) -> RigidTransform:
+    return RigidTransform((0.0,) * 6, (0.0, 0.0, 0.0), float("nan"), float("nan"), True)
+
+
+def resample_to(reference: Image, moving: Image, transform: RigidTransform | None = None,
+                interpolation: str = "linear") -> np.ndarray:
+    """Resample ``moving`` onto the reference grid through ``transform`` (reference -> moving).
+
+    Returns
+    -------
+    ndarray of float32, shape reference.shape
+        0 outside the moving image's field of view.
+    """
+    import SimpleITK as sitk
+
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}[interpolation]
+    t = transform.to_sitk() if transform is not None and not transform.identity else sitk.Transform()
+    out = sitk.Resample(to_sitk(moving), to_sitk(reference), t, interp, 0.0, sitk.sitkFloat32)
+    return from_sitk_array(out)
+
+
+def registration_quality(reference: Image, resampled: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Normalised correlation of the gradient magnitudes of the reference and the resampled
+    image inside ``mask`` (or where both are non-zero); ~0.3-0.7 for a good T1w/FLAIR pair,
+    below ~0.15 suggests a failed registration. Gradient magnitude makes the check
+    contrast-independent (T1w and FLAIR have opposite CSF contrast)."""
+    from scipy import ndimage
+
+    def grad(v):
+        v = np.asarray(v, dtype=np.float32)
+        return np.sqrt(sum(ndimage.sobel(v, axis=a) ** 2 for a in range(3)))
+
+    if mask is None:
+        mask = (reference.data != 0) & (resampled != 0)
+    return _normalised_correlation(grad(reference.data), grad(resampled), mask.astype(bool))
+
+
+# --------------------------------------------------------------------------------------
+# Brain mask
+# --------------------------------------------------------------------------------------
+def skull_stripped_support(image: Image) -> tuple[bool, str]:
+    """Decide whether an image is already skull-stripped, and say why.
+
+    Skull-stripped images are exactly zero outside the brain; a brain is 0.6-2.4 L, a whole
+    head is 3-5 L, and defaced heads are zero only in the face region.
+    """
+    data = image.data
+    nonzero = data != 0
+    zero_fraction = 1.0 - float(nonzero.mean())
+    voxel_ml = float(np.prod(image.zooms)) / 1000.0
+    litres = float(nonzero.sum()) * voxel_ml / 1000.0
+    lo, hi = BRAIN_VOLUME_LITRES
+    stripped = zero_fraction >= STRIPPED_MIN_ZERO_FRACTION and lo <= litres <= hi
+    reason = (f"{zero_fraction:.0%} of voxels are exactly zero and the non-zero support is {litres:.2f} L "
+              f"({'within' if lo <= litres <= hi else 'outside'} the {lo}-{hi} L of a brain)")
+    return stripped, reason
+
+
+def support_mask(image: Image) -> np.ndarray:
+    """Brain mask of a skull-stripped image: its non-zero support, holes filled."""
+    from scipy import ndimage
+
+    from .postprocess import label_components
+
+    mask = image.data != 0
+    labels, n = label_components(mask, 6)
+    if n > 1:  # keep the largest component (drops isolated noise voxels)
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(sizes.argmax())
+    return ndimage.binary_fill_holes(mask)
+
+
+def template_brain_mask(reference: Image, template_t1w: Image, template_mask: Image) -> tuple[np.ndarray, float]:
+    with _single_threaded_itk():
+        return _template_brain_mask(reference, template_t1w, template_mask)
+
+
+def _template_brain_mask(reference: Image, template_t1w: Image, template_mask: Image) -> tuple[np.ndarray, float]:
+    """Brain mask from a template: affine MI registration of the template's head T1w to the
+    reference image, then its brain mask resampled (linear, > 0.5) onto the reference grid.
+
+    Returns
+    -------
+    mask : ndarray of bool, shape reference.shape
+    metric : float
+        Final Mattes MI (lower is better), for QC.
+    """
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    fixed_raw, moving_raw = to_sitk(reference), to_sitk(template_t1w)
+    # centres of mass of the raw (non-negative) intensities: the scanner and template
+    # frames can be centimetres apart, a geometric centre would be misled by the neck
+    init = sitk.CenteredTransformInitializer(fixed_raw, moving_raw, sitk.AffineTransform(3),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    fixed = sitk.Normalize(fixed_raw)
+    moving = sitk.Normalize(moving_raw)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(1)
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricSamplingStrategy(reg.REGULAR)
+    reg.SetMetricSamplingPercentage(0.2, REGISTRATION_SEED)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200,
+                                                 gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(init, inPlace=False)
+    transform = reg.Execute(fixed, moving)
+    reg.SetInitialTransform(transform, inPlace=False)
+    metric = float(reg.MetricEvaluate(fixed, moving))
+    warped = sitk.Resample(to_sitk(template_mask), to_sitk(reference), transform, sitk.sitkLinear, 0.0,
+                           sitk.sitkFloat32)
+    mask = from_sitk_array(warped) > 0.5
+    return ndimage.binary_fill_holes(mask), metric

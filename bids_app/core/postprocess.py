@@ -1,0 +1,246 @@
+"""Post-processing: probabilities -> binary lesion masks and a lesion instance map.
+
+Conventions (shared by every module that thresholds probabilities, so that ensemble and
+member masks are built identically, as ``algorithms.md`` §2.2 and §3.4 require):
+
+* a voxel is foreground when ``p >= threshold`` (``>=`` as in MS_WML_uncs ``process_probs``);
+* connected components use 6-, 18- or 26-connectivity (faces, +edges, +corners);
+* a component is **kept when it has at least** ``min_size`` voxels. The reference code's
+  ``l_min`` removes components of ``<= l_min`` voxels, so ``l_min = 3`` is ``min_size = 4``;
+* instance labels are numbered in C-order raster order of each component's first voxel
+  (the order ``scipy.ndimage.label`` gives), class by class in the model's label order, so
+  the numbering does not depend on the labelling library.
+
+All functions are pure: they never modify their inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CONNECTIVITIES = (6, 18, 26)
+
+
+def _check_connectivity(connectivity: int) -> int:
+    if int(connectivity) not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
+    return int(connectivity)
+
+
+def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Label the connected components of a 3D binary mask in stable raster order.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+        Foreground voxels.
+    connectivity : {6, 18, 26}
+        Neighbourhood that joins two voxels into one component.
+
+    Returns
+    -------
+    labels : ndarray of int32, shape (X, Y, Z)
+        0 for background, ``1..n`` for the components, numbered by the C-order flat index
+        of each component's first voxel.
+    n : int
+        Number of components.
+    """
+    import cc3d
+
+    connectivity = _check_connectivity(connectivity)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"expected a 3D mask, got shape {mask.shape}")
+    raw = cc3d.connected_components(mask, connectivity=connectivity, out_dtype=np.uint32)
+    n = int(raw.max()) if raw.size else 0
+    if n == 0:
+        return np.zeros(mask.shape, dtype=np.int32), 0
+    # cc3d scans in its own order; renumber by first occurrence in C order.
+    flat = raw.ravel(order="C")
+    first_index = np.full(n + 1, flat.size, dtype=np.int64)
+    nonzero = np.flatnonzero(flat)
+    np.minimum.at(first_index, flat[nonzero].astype(np.int64), nonzero)
+    order = np.argsort(first_index[1:], kind="stable") + 1  # old labels in new order
+    remap = np.zeros(n + 1, dtype=np.int32)
+    remap[order] = np.arange(1, n + 1, dtype=np.int32)
+    return remap[raw], n
+
+
+def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int = 26) -> np.ndarray:
+    """Drop the components with fewer than ``min_size`` voxels.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (X, Y, Z)
+    min_size : int
+        Smallest component size kept, in voxels (``<= 1`` keeps everything).
+    connectivity : {6, 18, 26}
+
+    Returns
+    -------
+    ndarray of bool, shape (X, Y, Z)
+        A new array.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if min_size <= 1:
+        return mask.copy()
+    labels, n = label_components(mask, connectivity)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= int(min_size)
+    keep[0] = False
+    return keep[labels]
+
+
+def binarize(prob: np.ndarray, threshold: float, min_size: int = 1, connectivity: int = 26) -> np.ndarray:
+    """Threshold a probability map (``p >= threshold``) and remove small components.
+
+    Parameters
+    ----------
+    prob : ndarray of float, shape (X, Y, Z)
+        Probability of one lesion class, in [0, 1].
+    threshold : float
+    min_size : int
+        Smallest lesion kept, in voxels.
+    connectivity : {6, 18, 26}
+
+    Returns
+    -------
+    ndarray of bool, shape (X, Y, Z)
+    """
+    return remove_small_components(np.asarray(prob) >= threshold, min_size, connectivity)
+
+
+@dataclass(frozen=True)
+class LesionSegmentation:
+    """Result of :func:`segment_lesions`.
+
+    Attributes
+    ----------
+    dseg : ndarray of uint8, shape (X, Y, Z)
+        Class map: 0 background, otherwise the model's label index of the lesion class.
+    instances : ndarray of int32, shape (X, Y, Z)
+        Lesion instance map, 0 background, ``1..n`` lesions.
+    instance_class : ndarray of int32, shape (n,)
+        Model label index of each instance (row ``i`` is label ``i + 1``).
+    """
+
+    dseg: np.ndarray
+    instances: np.ndarray
+    instance_class: np.ndarray
+
+    @property
+    def n_lesions(self) -> int:
+        return int(self.instance_class.size)
+
+    def class_mask(self, label_index: int) -> np.ndarray:
+        """Binary mask of one lesion class, shape (X, Y, Z)."""
+        return self.dseg == label_index
+
+
+def segment_lesions(
+    class_probs: np.ndarray,
+    lesion_labels: list[int] | tuple[int, ...],
+    thresholds: dict[int, float] | float,
+    min_size: int = 1,
+    connectivity: int = 26,
+) -> LesionSegmentation:
+    """Turn ensemble class probabilities into a class map and an instance map.
+
+    A voxel is assigned to the lesion class with the highest probability among those whose
+    probability reaches their threshold, so the class masks never overlap (this only matters
+    when thresholds are below 0.5). Each class mask is then cleaned of components smaller
+    than ``min_size`` and its components become instances, class by class.
+
+    Parameters
+    ----------
+    class_probs : ndarray of float, shape (C, X, Y, Z)
+        Softmax probabilities of all C model classes (background included).
+    lesion_labels : sequence of int
+        Indices into axis 0 that are lesion classes (e.g. ``[1, 2]`` for WML, CL).
+    thresholds : float or dict
+        One threshold for every class, or ``{label_index: threshold}``.
+    min_size : int
+        Smallest lesion kept, in voxels.
+    connectivity : {6, 18, 26}
+
+    Returns
+    -------
+    LesionSegmentation
+    """
+    class_probs = np.asarray(class_probs)
+    if class_probs.ndim != 4:
+        raise ValueError(f"expected (C, X, Y, Z) probabilities, got shape {class_probs.shape}")
+    lesion_labels = [int(c) for c in lesion_labels]
+    if isinstance(thresholds, dict):
+        thr = {c: float(thresholds[c]) for c in lesion_labels}
+    else:
+        thr = {c: float(thresholds) for c in lesion_labels}
+
+    shape = class_probs.shape[1:]
+    best_prob = np.full(shape, -1.0, dtype=np.float32)
+    dseg = np.zeros(shape, dtype=np.uint8)
+    for c in lesion_labels:
+        p = class_probs[c]
+        passes = (p >= thr[c]) & (p > best_prob)
+        dseg[passes] = c
+        best_prob[passes] = p[passes]
+
+    instances = np.zeros(shape, dtype=np.int32)
+    classes: list[np.ndarray] = []
+    offset = 0
+    cleaned_dseg = np.zeros(shape, dtype=np.uint8)
+    for c in lesion_labels:
+        kept = remove_small_components(dseg == c, min_size, connectivity)
+        labels, n = label_components(kept, connectivity)
+        cleaned_dseg[kept] = c
+        instances[kept] = labels[kept] + offset
+        classes.append(np.full(n, c, dtype=np.int32))
+        offset += n
+    instance_class = np.concatenate(classes) if classes else np.zeros(0, dtype=np.int32)
+    return LesionSegmentation(dseg=cleaned_dseg, instances=instances, instance_class=instance_class)
+
+
+def lesion_geometry(instances: np.ndarray, instance_class: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
+    """Position and size of every lesion, from one pass over the instance map.
+
+    Parameters
+    ----------
+    instances : ndarray of int, shape (X, Y, Z)
+        0 background, ``1..n`` lesions.
+    instance_class : ndarray of int, shape (n,)
+        Class index of each lesion.
+    affine : ndarray, shape (4, 4)
+        Voxel -> scanner RAS+ mm.
+
+    Returns
+    -------
+    dict of ndarray, each of shape (n,)
+        ``label``, ``class_index``, ``voxels``, ``volume_mm3``, ``centroid_i/j/k`` (voxel
+        indices, float) and ``centroid_x/y/z_mm`` (scanner RAS+, mm).
+    """
+    instances = np.asarray(instances)
+    n = int(np.asarray(instance_class).size)
+    labels = np.arange(1, n + 1)
+    out: dict[str, np.ndarray] = {"label": labels, "class_index": np.asarray(instance_class, dtype=np.int32)}
+    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
+    flat = instances.ravel()
+    nz = np.flatnonzero(flat)
+    lab = flat[nz].astype(np.int64)
+    counts = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
+    out["voxels"] = counts
+    out["volume_mm3"] = counts * voxel_mm3
+    ijk = np.unravel_index(nz, instances.shape)
+    centroid = np.zeros((n, 3))
+    for axis in range(3):
+        sums = np.bincount(lab, weights=ijk[axis].astype(np.float64), minlength=n + 1)[1:]
+        centroid[:, axis] = sums / np.maximum(counts, 1)
+    world = centroid @ np.asarray(affine, dtype=np.float64)[:3, :3].T + np.asarray(affine, dtype=np.float64)[:3, 3]
+    for axis, name in enumerate("ijk"):
+        out[f"centroid_{name}"] = centroid[:, axis]
+    for axis, name in enumerate("xyz"):
+        out[f"centroid_{name}_mm"] = world[:, axis]
+    return out

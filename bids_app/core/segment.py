@@ -1,0 +1,285 @@
+"""The nnU-Net adapter: per-member softmax probabilities in the input image's geometry.
+
+This is the only module of msxplain that imports :mod:`nnunetv2`. nnU-Net's predictor
+averages the **logits** of the folds before the softmax (``nnunet_mechanics.md`` §1.2), which
+throws away the disagreement that deep-ensemble uncertainty needs. :class:`EnsemblePredictor`
+therefore runs nnU-Net's own preprocessing once and then, for each member, nnU-Net's own
+sliding-window inference (Gaussian weighting, optional mirroring) and nnU-Net's own export
+(resampling the logits back, softmax, un-cropping). Each member's output is bit-for-bit what
+``nnUNetPredictor`` gives when it is run with that single fold.
+
+Everything runs in this process: no worker pools, so no large ``/dev/shm`` is needed and no
+stray worker processes are left behind (nnU-Net issue #1789).
+
+Network construction does not look up the trainer class by name: the network is rebuilt from
+``plans.json`` (valid for nnU-Net's standard PlainConvUNet and ResidualEncoderUNet trainers,
+which do not override ``build_network_architecture``), and only classes from
+``dynamic_network_architectures`` and ``torch.nn`` may be named there, so that a malicious
+plans file cannot make us call an arbitrary function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BadInputData, UsageError
+from .imageio import from_nnunet_order, to_nnunet_order
+
+LOGGER = logging.getLogger("bids_app.core.segment")
+
+ALLOWED_ARCHITECTURE_PREFIX = "dynamic_network_architectures.architectures."
+ALLOWED_IMPORT_PREFIXES = ("torch.nn.",)
+
+
+def resolve_device(requested: str = "auto"):
+    """``auto`` | ``cpu`` | ``cuda`` -> :class:`torch.device`.
+
+    Raises
+    ------
+    UsageError
+        CUDA was requested but no GPU is visible (a forgotten ``--gpus all`` / ``--nv``).
+    """
+    import torch
+
+    requested = (requested or "auto").lower()
+    if requested == "cpu":
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda":
+        if not has_cuda:
+            raise UsageError(
+                "--device cuda was requested but PyTorch sees no CUDA GPU.",
+                hint="run the container with 'docker run --gpus all' or 'singularity run --nv', check "
+                "CUDA_VISIBLE_DEVICES, or use --device cpu.",
+            )
+        return torch.device("cuda", 0)
+    if requested != "auto":
+        raise UsageError(f"Unknown device {requested!r}.", hint="use auto, cpu or cuda.")
+    return torch.device("cuda", 0) if has_cuda else torch.device("cpu")
+
+
+def _check_importable_name(name: str | None, prefixes: Sequence[str], what: str) -> None:
+    if name is None:
+        return
+    if not any(str(name).startswith(p) for p in prefixes):
+        raise BadInputData(
+            f"plans.json names {what} '{name}', which is not an nnU-Net network building block.",
+            hint="only dynamic_network_architectures networks with torch.nn layers are accepted.",
+        )
+
+
+def build_network(plans: dict, configuration: str, n_input_channels: int, n_output_channels: int):
+    """Build the member network from the plans, with deep supervision off.
+
+    Parameters
+    ----------
+    plans : dict
+        Parsed ``plans.json``.
+    configuration : str
+        e.g. ``'3d_fullres'``.
+    n_input_channels, n_output_channels : int
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode, on the CPU.
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(plans).get_configuration(configuration)
+    arch_class = cm.network_arch_class_name
+    _check_importable_name(arch_class, (ALLOWED_ARCHITECTURE_PREFIX,), "the network class")
+    kwargs = cm.network_arch_init_kwargs
+    for key in cm.network_arch_init_kwargs_req_import:
+        _check_importable_name(kwargs.get(key), ALLOWED_IMPORT_PREFIXES, f"the layer '{key}'")
+    network = get_network_from_plans(
+        arch_class, kwargs, cm.network_arch_init_kwargs_req_import,
+        n_input_channels, n_output_channels, allow_init=False, deep_supervision=False,
+    )
+    network.eval()
+    return network
+
+
+@dataclass(frozen=True)
+class MemberInput:
+    """The weights of one ensemble member (see :func:`bids_app.models.load_members`)."""
+
+    fold: str
+    state_dict: dict
+    mirroring_axes: tuple[int, ...] | None
+
+
+class EnsemblePredictor:
+    """Run an nnU-Net v2 ensemble member by member.
+
+    Parameters
+    ----------
+    plans, dataset_json : dict
+        Parsed ``plans.json`` and ``dataset.json`` of the trained model.
+    members : list of MemberInput
+    configuration : str
+    device : torch.device or str
+    tta : bool
+        Test-time mirroring over the axes the checkpoint allows (nnU-Net's default).
+    tile_step_size : float
+        Sliding-window step as a fraction of the patch (nnU-Net's default 0.5).
+    num_threads : int or None
+        torch intra-op threads (None leaves torch's setting).
+    """
+
+    def __init__(
+        self,
+        plans: dict,
+        dataset_json: dict,
+        members: Sequence[MemberInput],
+        configuration: str = "3d_fullres",
+        device: Any = "cpu",
+        tta: bool = True,
+        tile_step_size: float = 0.5,
+        num_threads: int | None = None,
+    ):
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        if not members:
+            raise UsageError("An ensemble needs at least one member.")
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.num_threads = int(num_threads or torch.get_num_threads())
+        self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        self.plans_manager = PlansManager(plans)
+        if configuration not in plans.get("configurations", {}):
+            raise BadInputData(f"Configuration '{configuration}' is not in plans.json "
+                               f"(has {', '.join(plans.get('configurations', {}))}).",
+                               hint="fix nnunet.configuration in the model card.")
+        self.configuration_manager = self.plans_manager.get_configuration(configuration)
+        self.dataset_json = dataset_json
+        self.label_manager = self.plans_manager.get_label_manager(dataset_json)
+        self.n_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager, dataset_json)
+        self.n_classes = self.label_manager.num_segmentation_heads
+        if self.label_manager.has_regions:
+            raise BadInputData("Region-based nnU-Net models are not supported (their outputs are not a softmax).",
+                               hint="use a model trained with plain labels.")
+        network = build_network(plans, configuration, self.n_channels, self.n_classes)
+        self.members = list(members)
+        for m in self.members:  # fail early and clearly on a mismatching checkpoint
+            try:
+                network.load_state_dict(m.state_dict)
+            except RuntimeError as exc:
+                raise BadInputData(f"Member fold_{m.fold} does not fit the network in plans.json "
+                                   f"({str(exc).splitlines()[0]}).", hint="the model folder mixes files of different models.") from None
+        axes = self.members[0].mirroring_axes
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints instead of logging
+            predictor = nnUNetPredictor(
+                tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=tta,
+                perform_everything_on_device=self.device.type == "cuda", device=self.device,
+                verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+            )
+        predictor.manual_initialization(
+            network, self.plans_manager, self.configuration_manager, None, dataset_json,
+            "nnUNetTrainer", axes,
+        )
+        self._predictor = predictor
+        self.tta = bool(tta)
+        self.tile_step_size = float(tile_step_size)
+
+    @property
+    def mirroring_axes(self) -> tuple[int, ...] | None:
+        return self._predictor.allowed_mirroring_axes if self.tta else None
+
+    @property
+    def target_spacing(self) -> list[float]:
+        """The network's working spacing in mm, in nibabel order (x, y, z)."""
+        spacing_zyx = self.configuration_manager.spacing
+        return [float(s) for s in reversed(spacing_zyx)]
+
+    def preprocess(self, channels: np.ndarray, zooms: Sequence[float]):
+        """nnU-Net preprocessing (crop to non-zero, normalise, resample) of one case.
+
+        Parameters
+        ----------
+        channels : ndarray of float32, shape (K, X, Y, Z)
+        zooms : 3 floats, voxel size in mm along X, Y, Z
+
+        Returns
+        -------
+        data : torch.Tensor, shape (K, z', y', x')
+            On nnU-Net's grid (SimpleITK axis order).
+        properties : dict
+            What :meth:`to_input_geometry` needs to map network outputs back.
+        """
+        import torch
+
+        channels = np.asarray(channels, dtype=np.float32)
+        if channels.ndim != 4 or channels.shape[0] != self.n_channels:
+            raise BadInputData(
+                f"The model expects {self.n_channels} input channel(s), got {channels.shape[0] if channels.ndim == 4 else channels.ndim}.",
+                hint="check the model card's channels against the selected images.",
+            )
+        array, spacing = to_nnunet_order(channels, tuple(zooms))
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()):
+            data, _, properties = preprocessor.run_case_npy(
+                np.ascontiguousarray(array), None, {"spacing": spacing},
+                self.plans_manager, self.configuration_manager, self.dataset_json,
+            )
+        return torch.from_numpy(np.ascontiguousarray(data)).float(), properties
+
+    def member_logits(self, member: MemberInput, data):
+        """Sliding-window logits of one member on the preprocessed grid, shape (C, z', y', x')."""
+        self._predictor.network.load_state_dict(member.state_dict)
+        if self.tta and member.mirroring_axes != self._predictor.allowed_mirroring_axes:
+            self._predictor.allowed_mirroring_axes = member.mirroring_axes
+        with contextlib.redirect_stdout(io.StringIO()):
+            return self._predictor.predict_sliding_window_return_logits(data).cpu()
+
+    def to_input_geometry(self, logits, properties: dict) -> np.ndarray:
+        """Logits on nnU-Net's grid -> softmax probabilities on the input grid, shape (C, X, Y, Z)."""
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
+                return_probabilities=True, num_threads_torch=self.num_threads,
+            )
+        return from_nnunet_order(np.asarray(probs, dtype=np.float32))
+
+    def predict(self, channels: np.ndarray, zooms: Sequence[float], progress=None) -> np.ndarray:
+        """Per-member softmax probabilities.
+
+        Parameters
+        ----------
+        channels : ndarray of float32, shape (K, X, Y, Z)
+            The input channels on one grid, in the model card's channel order.
+        zooms : 3 floats
+            Voxel size in mm along X, Y, Z.
+        progress : callable or None
+            Called as ``progress(done, total)`` after each member.
+
+        Returns
+        -------
+        ndarray of float32, shape (M, C, X, Y, Z)
+            Softmax over the C classes (background first), per member, on the input grid.
+        """
+        import torch
+
+        data, properties = self.preprocess(channels, zooms)
+        shape = np.asarray(channels).shape[1:]
+        out = np.empty((len(self.members), self.n_classes, *shape), dtype=np.float32)
+        with torch.inference_mode():
+            for i, member in enumerate(self.members):
+                logits = self.member_logits(member, data)
+                out[i] = self.to_input_geometry(logits, properties)
+                del logits
+                if progress is not None:
+                    progress(i + 1, len(self.members))
+        return out

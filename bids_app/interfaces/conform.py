@@ -1,0 +1,179 @@
+"""Nipype interfaces around :mod:`bids_app.core.conform` (co-registration, brain mask)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class _ConformInputsInputSpec(BaseInterfaceInputSpec):
+    in_files = traits.List(File(exists=True), mandatory=True, desc="input images, in the model's channel order")
+    channel_names = traits.List(traits.Str, mandatory=True, desc="model channel name of each input")
+    reference_index = traits.Int(0, usedefault=True, desc="index of the reference channel (its grid is used)")
+    coregister = traits.Bool(True, usedefault=True, desc="rigidly register channels whose grid differs")
+
+
+class _ConformInputsOutputSpec(TraitedSpec):
+    channels_file = File(exists=True, desc="4D NIfTI (X, Y, Z, K) of all channels on the reference grid")
+    reference_file = File(exists=True, desc="the reference input image")
+    qc_file = File(exists=True, desc="JSON: per channel, how it was brought to the reference grid")
+    derivatives = traits.List(traits.Dict, desc="derivative records (preprocessed channels, transforms)")
+
+
+class ConformInputs(SimpleInterface):
+    """Load and check every channel, then co-register and resample them onto the reference grid
+    (:func:`bids_app.core.conform.register_rigid`, :func:`~bids_app.core.conform.resample_to`)."""
+
+    input_spec = _ConformInputsInputSpec
+    output_spec = _ConformInputsOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from ..core import conform
+        from ..core.imageio import load_image, save_image
+        from ..derivatives import parse_bids_name
+
+        files = list(self.inputs.in_files)
+        names = list(self.inputs.channel_names)
+        ref_i = int(self.inputs.reference_index)
+        images = [load_image(f) for f in files]
+        reference = images[ref_i]
+        ref_suffix = parse_bids_name(files[ref_i])[1]
+        stack = np.empty(reference.shape + (len(images),), dtype=np.float32)
+        qc: dict = {"reference": {"channel": names[ref_i], "file": os.path.basename(files[ref_i]),
+                                  "shape": list(reference.shape), "zooms_mm": [round(z, 4) for z in reference.zooms]},
+                    "channels": {}}
+        records = []
+        for i, (image, name, path) in enumerate(zip(images, names, files)):
+            entry: dict = {"file": os.path.basename(path), "shape": list(image.shape),
+                           "zooms_mm": [round(z, 4) for z in image.zooms]}
+            suffix = parse_bids_name(path)[1]
+            if i == ref_i:
+                stack[..., i] = image.data
+                entry["method"] = "reference"
+                records.append({"key": "preproc", "file": path, "sources": [path], "source_suffix": suffix,
+                                "metadata": {"SkullStripped": conform.skull_stripped_support(image)[0],
+                                             "Description": f"{name} channel as the network saw it (reference grid)."}})
+            else:
+                if conform.same_grid(reference, image):
+                    stack[..., i] = image.data
+                    entry["method"] = "same grid as the reference; used as is"
+                    transform = None
+                else:
+                    if self.inputs.coregister:
+                        transform = conform.register_rigid(reference, image)
+                    else:
+                        conform.fov_overlap(reference, image)
+                        transform = conform.identity_transform(reference)
+                    stack[..., i] = conform.resample_to(reference, image, transform, "linear")
+                    entry.update({
+                        "method": "rigid registration (Mattes MI) + linear resampling" if not transform.identity
+                        else "resampled through the headers (registration did not improve on them)",
+                        "translation_mm": round(transform.translation_mm, 3),
+                        "max_rotation_deg": round(transform.rotation_deg, 3),
+                        "mattes_mi_before": transform.metric_before,
+                        "mattes_mi_after": transform.metric_after,
+                    })
+                    quality = conform.registration_quality(reference, stack[..., i])
+                    entry["gradient_correlation"] = round(quality, 4)
+                    entry["poor_registration"] = bool(quality < 0.1)
+                    xfm_path = os.path.abspath(f"xfm_{i}_{name}.txt")
+                    self._write_transform(transform, xfm_path)
+                    records.append({"key": "xfm", "file": xfm_path, "sources": [files[ref_i], path],
+                                    "entities": {"from": ref_suffix, "to": suffix},
+                                    "metadata": {"FromFile": os.path.basename(files[ref_i]),
+                                                 "ToFile": os.path.basename(path),
+                                                 "Method": entry["method"]}})
+                resampled = os.path.abspath(f"preproc_{i}_{name}.nii.gz")
+                save_image(resampled, stack[..., i], reference.affine)
+                records.append({"key": "preproc", "file": resampled, "sources": [path], "source_suffix": suffix,
+                                "entities": {"space": ref_suffix},
+                                "metadata": {"SkullStripped": conform.skull_stripped_support(image)[0],
+                                             "Description": f"{name} channel on the {ref_suffix} grid, as the network saw it."}})
+            qc["channels"][name] = entry
+        channels_file = os.path.abspath("channels.nii.gz")
+        save_image(channels_file, stack, reference.affine)
+        qc_file = os.path.abspath("conform_qc.json")
+        with open(qc_file, "w") as handle:
+            json.dump({"conform": qc}, handle, indent=2, sort_keys=True, default=float)
+        self._results.update(channels_file=channels_file, reference_file=files[ref_i], qc_file=qc_file,
+                             derivatives=records)
+        return runtime
+
+    @staticmethod
+    def _write_transform(transform, path: str) -> None:
+        import SimpleITK as sitk
+
+        sitk.WriteTransform(transform.to_sitk(), path)
+
+
+class _BrainMaskInputSpec(BaseInterfaceInputSpec):
+    reference_file = File(exists=True, mandatory=True, desc="the reference image (its grid is the mask's)")
+    mode = traits.Enum("auto", "stripped", "template", usedefault=True,
+                       desc="auto: detect skull-stripped input; stripped: use the non-zero support; "
+                            "template: register the MNI template")
+    template_t1w = File(exists=True, desc="template head T1w (MNI152NLin2009cAsym)")
+    template_mask = File(exists=True, desc="template brain mask")
+    sources = traits.List(traits.Str, mandatory=True, desc="raw input files (for provenance)")
+
+
+class _BrainMaskOutputSpec(TraitedSpec):
+    mask_file = File(exists=True, desc="brain mask on the reference grid")
+    qc_file = File(exists=True, desc="JSON: how the mask was made")
+    derivatives = traits.List(traits.Dict, desc="derivative records")
+
+
+class BrainMask(SimpleInterface):
+    """Brain mask of the reference image (:func:`bids_app.core.conform.skull_stripped_support`,
+    :func:`~bids_app.core.conform.support_mask`, :func:`~bids_app.core.conform.template_brain_mask`)."""
+
+    input_spec = _BrainMaskInputSpec
+    output_spec = _BrainMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        import numpy as np
+
+        from ..core import conform
+        from ..core.imageio import load_image, save_image
+        from ..errors import MissingInput
+
+        reference = load_image(self.inputs.reference_file)
+        stripped, reason = conform.skull_stripped_support(reference)
+        mode = self.inputs.mode
+        use_support = mode == "stripped" or (mode == "auto" and stripped)
+        qc = {"skull_stripped_input": bool(stripped), "skull_strip_reason": reason}
+        if use_support:
+            mask = conform.support_mask(reference)
+            qc["method"] = "non-zero support of the skull-stripped input"
+        else:
+            if not (self.inputs.template_t1w and self.inputs.template_mask):
+                raise MissingInput("A brain mask from the template is needed but no template was found.",
+                                   hint="set TEMPLATEFLOW_HOME to a folder holding tpl-MNI152NLin2009cAsym, "
+                                        "or give skull-stripped images.")
+            mask, metric = conform.template_brain_mask(
+                reference, load_image(self.inputs.template_t1w), load_image(self.inputs.template_mask, check_values=False))
+            qc["method"] = "MNI152NLin2009cAsym brain mask, affine registration (Mattes MI) to the reference image"
+            qc["template_registration_mattes_mi"] = metric
+        volume_l = float(mask.sum()) * float(np.prod(reference.zooms)) / 1e6
+        qc["brain_volume_litres"] = round(volume_l, 4)
+        qc["implausible_brain_volume"] = bool(not 0.6 <= volume_l <= 2.4)
+        mask_file = os.path.abspath("brain_mask.nii.gz")
+        save_image(mask_file, mask.astype(np.uint8), reference.affine)
+        qc_file = os.path.abspath("brainmask_qc.json")
+        with open(qc_file, "w") as handle:
+            json.dump({"brain_mask": qc}, handle, indent=2, sort_keys=True)
+        self._results.update(
+            mask_file=mask_file, qc_file=qc_file,
+            derivatives=[{"key": "brain_mask", "file": mask_file, "sources": list(self.inputs.sources),
+                          "metadata": {"Type": "Brain", "Method": qc["method"]}}],
+        )
+        return runtime

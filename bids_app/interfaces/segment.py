@@ -1,0 +1,119 @@
+"""Nipype interface around :class:`bids_app.core.segment.EnsemblePredictor`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class _PredictLesionsInputSpec(BaseInterfaceInputSpec):
+    channels_file = File(exists=True, mandatory=True, desc="4D NIfTI (X, Y, Z, K) of the input channels")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid")
+    model_dir = Directory(exists=True, mandatory=True, desc="nnU-Net trained-model folder")
+    card_file = File(desc="model card JSON (empty: the card beside the model, or an inferred one)")
+    folds = traits.List(traits.Str, mandatory=True, desc="ensemble members to run (fold names)")
+    device = traits.Enum("cpu", "cuda", "auto", usedefault=True, desc="torch device")
+    tta = traits.Bool(True, usedefault=True, desc="test-time mirroring")
+    num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
+    use_gpu = traits.Bool(False, usedefault=True,
+                          desc="marks the node as a GPU node for Nipype's MultiProc GPU queue")
+    skull_strip = traits.Bool(True, usedefault=True, desc="zero the inputs outside the brain mask (model card)")
+
+
+class _PredictLesionsOutputSpec(TraitedSpec):
+    member_probs_file = File(exists=True, desc=".npy (M, C, X, Y, Z) float32 per-member softmax on the input grid")
+    model_file = File(exists=True, desc="JSON: model provenance (id, members, checkpoint SHA-256) and timings")
+
+
+class PredictLesions(SimpleInterface):
+    """Per-member softmax probabilities of an nnU-Net ensemble (see :mod:`bids_app.core.segment`).
+
+    The image is reoriented to RAS+ for the network (as the model was trained) and the
+    probabilities are mapped back to the input's voxel order, so downstream nodes work on the
+    reference image's own grid.
+    """
+
+    input_spec = _PredictLesionsInputSpec
+    output_spec = _PredictLesionsOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        import nibabel as nib
+        import numpy as np
+
+        from ..core.conform import from_canonical, to_canonical
+        from ..core.imageio import Image
+        from ..core.segment import EnsemblePredictor, MemberInput, resolve_device
+        from ..models import ModelCard, ResolvedModel, load_members, model_provenance
+
+        start = time.perf_counter()
+        trainer_dir = Path(self.inputs.model_dir)
+        card_path = Path(self.inputs.card_file) if self.inputs.card_file else None
+        if card_path is not None:
+            card = ModelCard.load(card_path)
+        else:
+            from ..models import CARD_NAME, infer_card
+
+            if (trainer_dir / CARD_NAME).is_file():
+                card_path = trainer_dir / CARD_NAME
+                card = ModelCard.load(card_path)
+            else:
+                card = ModelCard.from_dict(infer_card(trainer_dir))
+        model = ResolvedModel(trainer_dir=trainer_dir, card=card, card_path=card_path, source=str(trainer_dir))
+        folds = list(self.inputs.folds)
+        members = load_members(model, folds)  # checksums are verified before unpickling
+        device = resolve_device(self.inputs.device)
+        predictor = EnsemblePredictor(
+            json.loads((trainer_dir / "plans.json").read_text()),
+            json.loads((trainer_dir / "dataset.json").read_text()),
+            [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members],
+            configuration=card.configuration, device=device, tta=self.inputs.tta,
+            num_threads=self.inputs.num_threads,
+        )
+        img = nib.load(self.inputs.channels_file)
+        channels = np.asarray(img.dataobj, dtype=np.float32)
+        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        if self.inputs.skull_strip:
+            channels = channels * mask[..., None]
+        canonical_channels = []
+        ornt = None
+        for k in range(channels.shape[-1]):
+            canon, ornt = to_canonical(Image(channels[..., k], img.affine))
+            canonical_channels.append(canon.data)
+        stack = np.stack(canonical_channels)
+        zooms = canon.zooms
+        load_seconds = time.perf_counter() - start
+        t0 = time.perf_counter()
+        probs = predictor.predict(stack, zooms)
+        predict_seconds = time.perf_counter() - t0
+        probs = from_canonical(probs, ornt)
+        out = os.path.abspath("member_probs.npy")
+        np.save(out, probs)
+        info = {"inference": {
+            "model": model_provenance(model, folds, {m.fold: m.sha256 for m in members}),
+            "labels": {str(lab.index): lab.name for lab in card.labels},
+            "device": str(device),
+            "tta": bool(self.inputs.tta),
+            "mirroring_axes": list(predictor.mirroring_axes) if predictor.mirroring_axes else None,
+            "tile_step_size": predictor.tile_step_size,
+            "network_spacing_mm": predictor.target_spacing,
+            "skull_stripped_for_network": bool(self.inputs.skull_strip),
+            "seconds_loading": round(load_seconds, 3),
+            "seconds_inference": round(predict_seconds, 3),
+        }}
+        model_file = os.path.abspath("model.json")
+        with open(model_file, "w") as handle:
+            json.dump(info, handle, indent=2, sort_keys=True)
+        self._results.update(member_probs_file=out, model_file=model_file)
+        return runtime

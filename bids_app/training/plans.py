@@ -1,0 +1,140 @@
+"""nnU-Net v2 plans for small networks.
+
+``reduce_plans`` applies the reduced-plans recipe measured in ``nnunet_mechanics.md`` §2.3 to
+plans written by ``nnUNetv2_plan_experiment``; ``make_plans`` writes plans of the same
+structure from scratch (used by the tiny test model, where running nnU-Net's planner would
+cost ~25 s per test session).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+
+def _arch(n_stages: int, features: Sequence[int], n_conv: int = 2) -> dict:
+    kernel = [[3, 3, 3]] * n_stages
+    strides = [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1)
+    return {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n_stages,
+            "features_per_stage": list(features),
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": kernel,
+            "strides": strides,
+            "n_conv_per_stage": [n_conv] * n_stages,
+            "n_conv_per_stage_decoder": [n_conv] * (n_stages - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+def make_plans(
+    dataset_name: str,
+    n_channels: int,
+    spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0),
+    patch_size_xyz: Sequence[int] = (64, 64, 64),
+    features: Sequence[int] = (8, 16, 32, 64),
+    batch_size: int = 2,
+    plans_name: str = "nnUNetPlans",
+    median_shape_xyz: Sequence[int] = (128, 128, 128),
+) -> dict:
+    """Plans with the structure ``nnUNetv2_plan_experiment`` writes, one ``3d_fullres``
+    configuration, a PlainConvUNet with ``len(features)`` stages and z-score normalisation.
+
+    Sizes are given in nibabel order (x, y, z) and stored in nnU-Net's (z, y, x) order.
+    """
+    n_stages = len(features)
+    divisor = 2 ** (n_stages - 1)
+    if any(int(p) % divisor for p in patch_size_xyz):
+        raise ValueError(f"patch sides must be multiples of {divisor} for {n_stages} stages")
+    spacing = [float(s) for s in reversed(spacing_xyz)]
+    patch = [int(p) for p in reversed(patch_size_xyz)]
+    median = [float(s) for s in reversed(median_shape_xyz)]
+    resampling = {
+        "resampling_fn_data": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+    }
+    config = {
+        "data_identifier": f"{plans_name}_3d_fullres",
+        "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": batch_size,
+        "patch_size": patch,
+        "median_image_size_in_voxels": median,
+        "spacing": spacing,
+        "normalization_schemes": ["ZScoreNormalization"] * n_channels,
+        "use_mask_for_norm": [True] * n_channels,
+        **resampling,
+        "architecture": _arch(n_stages, features),
+        "batch_dice": False,
+    }
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": plans_name,
+        "original_median_spacing_after_transp": spacing,
+        "original_median_shape_after_transp": [int(m) for m in median],
+        "image_reader_writer": "NibabelIOWithReorient",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": config},
+        "experiment_planner_used": "msxplain.training.plans.make_plans",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            str(c): {"max": 5.0, "mean": 1.0, "median": 1.0, "min": -5.0,
+                     "percentile_00_5": -3.0, "percentile_99_5": 3.0, "std": 1.0}
+            for c in range(n_channels)
+        },
+    }
+
+
+def reduce_plans(
+    plans: dict,
+    features: Sequence[int] = (8, 16, 32, 64),
+    patch_size_xyz: Sequence[int] | None = None,
+    plans_name: str = "nnUNetPlansSmall",
+    spacing_xyz: Sequence[float] | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """Shrink the ``3d_fullres`` network of real nnU-Net plans (``nnunet_mechanics.md`` §2.3).
+
+    Keeps nnU-Net's normalisation and resampling; shortens the per-stage lists to
+    ``len(features)`` stages; keeps only ``3d_fullres``. ``data_identifier`` is left unchanged
+    when the spacing is unchanged, so the preprocessed data can be reused.
+    """
+    out = copy.deepcopy(plans)
+    out["plans_name"] = plans_name
+    cfg = out["configurations"]["3d_fullres"]
+    out["configurations"] = {"3d_fullres": cfg}
+    n = len(features)
+    kw = cfg["architecture"]["arch_kwargs"]
+    kw["n_stages"] = n
+    kw["features_per_stage"] = list(features)
+    kw["kernel_sizes"] = kw["kernel_sizes"][:n]
+    kw["strides"] = kw["strides"][:n]
+    kw["n_conv_per_stage"] = kw["n_conv_per_stage"][:n]
+    kw["n_conv_per_stage_decoder"] = kw["n_conv_per_stage_decoder"][: n - 1]
+    if patch_size_xyz is not None:
+        cfg["patch_size"] = [int(p) for p in reversed(patch_size_xyz)]
+    if spacing_xyz is not None:
+        cfg["spacing"] = [float(s) for s in reversed(spacing_xyz)]
+        cfg["data_identifier"] = f"{plans_name}_3d_fullres"
+    if batch_size is not None:
+        cfg["batch_size"] = int(batch_size)
+    divisor = [1, 1, 1]
+    for s in kw["strides"]:
+        divisor = [d * int(x) for d, x in zip(divisor, s)]
+    if any(p % d for p, d in zip(cfg["patch_size"], divisor)):
+        raise ValueError(f"patch {cfg['patch_size']} not divisible by the total stride {divisor}")
+    return out

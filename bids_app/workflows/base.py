@@ -1,0 +1,167 @@
+"""The participant-level Nipype graph: one sub-workflow per subject/session.
+
+Workflow Graph (per session)::
+
+    inputnode ─ conform ─┬─ brain_mask ─ predict (GPU) ─ postprocess ─┬─ summary ─┐
+                         └──────────────────────────────────────────────┴──────────┴─ merge ─ ds_session
+
+Nodes only wire: every computation lives in :mod:`bids_app.core` behind a thin interface.
+All derivatives of a session go through a single sink (``ds_session``) that writes them all
+or none (:func:`bids_app.derivatives.commit_records`), so a session that fails anywhere
+leaves nothing half-written, and a re-run with the same work directory resumes from the
+nodes that finished (Nipype's hashed cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..discovery import SessionInputs
+from ..interfaces.conform import BrainMask, ConformInputs
+from ..interfaces.derivatives import DerivativesSink, SessionSummary
+from ..interfaces.postprocess import PostProcess
+from ..interfaces.segment import PredictLesions
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Everything the graph needs that was resolved before building it.
+
+    Built by :func:`bids_app.cli.run.resolve_settings` from the :class:`~bids_app.config.Config`
+    and the model card; its :meth:`parameters` are what every sidecar records.
+    """
+
+    bids_dir: Path
+    output_dir: Path
+    trainer_dir: Path
+    card_file: Path
+    label_indices: tuple[int, ...]
+    label_names: tuple[str, ...]
+    reference_channel: int
+    skull_strip: bool
+    folds: tuple[str, ...]
+    device: str
+    tta: bool
+    threshold: float
+    min_lesion_size: int
+    connectivity: int
+    save_member_probabilities: bool
+    omp_nthreads: int
+    model_provenance: dict[str, Any] = field(default_factory=dict)
+    template_t1w: Path | None = None
+    template_mask: Path | None = None
+    brain_mask_mode: str = "auto"
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "Threshold": self.threshold,
+            "ThresholdRule": "p >= threshold",
+            "MinLesionSizeVoxels": self.min_lesion_size,
+            "Connectivity": self.connectivity,
+            "Members": list(self.folds),
+            "TestTimeAugmentation": self.tta,
+            "Device": self.device,
+            "SkullStripForNetwork": self.skull_strip,
+        }
+
+    def common_metadata(self) -> dict[str, Any]:
+        from ..provenance import provenance_block
+
+        return provenance_block(self.model_provenance, self.parameters())
+
+
+def session_wf_name(session: SessionInputs) -> str:
+    return session.name.replace("-", "_") + "_wf"
+
+
+def init_msxplain_wf(sessions: list[SessionInputs], settings: PipelineSettings, *, base_dir: Path,
+                     name: str = "msxplain_wf") -> pe.Workflow:
+    """The whole participant level: one :func:`init_single_session_wf` per session."""
+    workflow = pe.Workflow(name=name, base_dir=str(base_dir))
+    for session in sessions:
+        workflow.add_nodes([init_single_session_wf(session, settings)])
+    return workflow
+
+
+def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -> pe.Workflow:
+    """Segment one session and write its derivatives.
+
+    Parameters
+    ----------
+    session : SessionInputs
+        The selected input images, in the model card's channel order.
+    settings : PipelineSettings
+
+    Outputs
+    -------
+    ds_session.out_files
+        The derivative files written.
+    """
+    workflow = pe.Workflow(name=session_wf_name(session))
+    sources = session.paths
+    reference = sources[settings.reference_channel]
+    use_gpu = settings.device == "cuda"
+
+    # 1. bring every channel onto the reference image's grid
+    conform = pe.Node(ConformInputs(in_files=sources, channel_names=[f.channel for f in session.files],
+                                    reference_index=settings.reference_channel),
+                      name="conform", mem_gb=2.0)
+    # 2. brain mask (skull-stripped input or template registration)
+    brain_mask = pe.Node(BrainMask(sources=sources, mode=settings.brain_mask_mode), name="brain_mask", mem_gb=2.0)
+    if settings.template_t1w and settings.template_mask:
+        brain_mask.inputs.template_t1w = str(settings.template_t1w)
+        brain_mask.inputs.template_mask = str(settings.template_mask)
+    # 3. per-member probabilities; a GPU node for MultiProc's GPU queue when CUDA is used.
+    #    n_procs=1: a GPU node takes n_procs GPU slots in MultiProc; torch uses its own threads.
+    predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=str(settings.card_file),
+                                     folds=list(settings.folds), device=settings.device, tta=settings.tta,
+                                     num_threads=settings.omp_nthreads, use_gpu=use_gpu,
+                                     skull_strip=settings.skull_strip),
+                      name="predict", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
+    # 4. threshold, minimum size, connectivity -> masks and lesion instances
+    postprocess = pe.Node(PostProcess(label_indices=list(settings.label_indices),
+                                      label_names=list(settings.label_names), folds=list(settings.folds),
+                                      threshold=settings.threshold, min_lesion_size=settings.min_lesion_size,
+                                      connectivity=settings.connectivity,
+                                      save_member_probabilities=settings.save_member_probabilities,
+                                      sources=sources),
+                          name="postprocess", mem_gb=3.0)
+    # 5. session summary (read by the group level)
+    parts = pe.Node(niu.Merge(4), name="summary_parts", run_without_submitting=True)
+    summary = pe.Node(SessionSummary(
+        participant_id=f"sub-{session.subject}", session_id=f"ses-{session.session}" if session.session else "",
+        inputs=[{"channel": f.channel, "file": str(Path(f.path).relative_to(settings.bids_dir)), "reason": f.reason}
+                for f in session.files],
+        sources=sources, provenance=settings.common_metadata()["msxplain"]),
+        name="summary", run_without_submitting=True)
+    # 6. one sink for everything: all or nothing
+    records = pe.Node(niu.Merge(4, ravel_inputs=True), name="records", run_without_submitting=True)
+    ds_session = pe.Node(DerivativesSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                         common_metadata=settings.common_metadata(),
+                                         spatial_reference=reference),
+                         name="ds_session", run_without_submitting=True)
+    ds_session.overwrite = True  # always (re)write: the output folder may have been cleaned
+
+    workflow.connect([
+        (conform, brain_mask, [("reference_file", "reference_file")]),
+        (conform, predict, [("channels_file", "channels_file")]),
+        (brain_mask, predict, [("mask_file", "mask_file")]),
+        (predict, postprocess, [("member_probs_file", "member_probs_file")]),
+        (conform, postprocess, [("reference_file", "reference_file")]),
+        (conform, parts, [("qc_file", "in1")]),
+        (brain_mask, parts, [("qc_file", "in2")]),
+        (predict, parts, [("model_file", "in3")]),
+        (postprocess, parts, [("summary_file", "in4")]),
+        (parts, summary, [("out", "parts")]),
+        (conform, records, [("derivatives", "in1")]),
+        (brain_mask, records, [("derivatives", "in2")]),
+        (postprocess, records, [("derivatives", "in3")]),
+        (summary, records, [("derivatives", "in4")]),
+        (records, ds_session, [("out", "records")]),
+    ])  # fmt:skip
+    return workflow

@@ -1,0 +1,92 @@
+"""Command-line parsing: BIDS-Apps positional contract, aliases and usage exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bids_app.cli.parser import build_parser, parse_memory_gb
+from conftest import run_cli
+
+MIN = ["/data", "/out", "participant"]
+
+
+def parse(*extra):
+    return build_parser().parse_args([*MIN, *extra])
+
+
+def test_positional_contract():
+    ns = parse()
+    assert str(ns.bids_dir) == "/data" and str(ns.output_dir) == "/out" and ns.analysis_level == "participant"
+    assert ns.model == "demo" and ns.tta is True and ns.device == "auto"
+
+
+@pytest.mark.parametrize("flag", ["--participant-label", "--participant_label"])
+def test_participant_label_aliases_and_prefix(flag):
+    ns = parse(flag, "sub-01", "02")
+    assert ns.participant_label == ["01", "02"]
+
+
+def test_session_label_prefix():
+    assert parse("--session-label", "ses-pre", "post").session_label == ["pre", "post"]
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["/d", "/o", "everything"], 17),               # unknown analysis level
+    (["/d", "/o", "participant", "--bogus"], 64),   # unknown option
+    (["/d", "/o"], 64),                             # missing positional
+    (["/d", "/o", "participant", "--threshold", "1.5"], 64),
+    (["/d", "/o", "participant", "--connectivity", "8"], 64),
+    (["/d", "/o", "participant", "--participant-label", "sub-0_1"], 64),
+    (["/d", "/o", "participant", "--min-lesion-size", "0"], 64),
+])
+def test_usage_errors_have_bids_apps_codes(argv, code, capsys):
+    assert run_cli(argv) == code
+    assert "error" in capsys.readouterr().err
+
+
+def test_help_and_version_exit_zero(capsys):
+    from bids_app import __version__
+
+    assert run_cli(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+    assert run_cli(["--help"]) == 0
+
+
+def test_version_matches_version_file():
+    from pathlib import Path
+
+    from bids_app import __version__
+
+    assert __version__ == (Path(__file__).resolve().parents[1] / "version").read_text().strip()
+
+
+def test_filter_file_not_json_is_usage_error(tmp_path, capsys):
+    bad = tmp_path / "filters.json"
+    bad.write_text("{t1w: acquisition=MPRAGE}")
+    assert run_cli([*MIN, "--bids-filter-file", bad]) == 64
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_filter_file_shape_checked(tmp_path):
+    bad = tmp_path / "filters.json"
+    bad.write_text(json.dumps({"t1w": "MPRAGE"}))
+    assert run_cli([*MIN, "--bids-filter-file", bad]) == 64
+
+
+def test_filter_file_parsed(tmp_path):
+    good = tmp_path / "filters.json"
+    good.write_text(json.dumps({"t1w": {"acquisition": "MPRAGE", "run": None}}))
+    assert parse("--bids-filter-file", str(good)).bids_filters == {"t1w": {"acquisition": "MPRAGE", "run": None}}
+
+
+@pytest.mark.parametrize("text, gb", [("8", 8.0), ("8G", 8.0), ("8GB", 8.0), ("8192M", 8.0), ("8192MB", 8.0),
+                                      ("1T", 1024.0)])
+def test_memory_units(text, gb):
+    assert parse_memory_gb(text) == pytest.approx(gb)
+
+
+def test_plugin_args_json():
+    ns = parse("--plugin", "SLURM", "--plugin-args", '{"sbatch_args": "-p debug"}')
+    assert ns.plugin == "SLURM" and ns.plugin_args == {"sbatch_args": "-p debug"}
