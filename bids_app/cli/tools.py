@@ -25,15 +25,17 @@ TOOL_MODULES: dict[str, tuple[str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from .parser import UsageArgumentParser
 
-    parser = argparse.ArgumentParser(
+    parser = UsageArgumentParser(
         prog="msxplain-tools",
         description="Utilities around the msxplain BIDS App (synthetic data, uncertainty and "
         "evaluation on any probabilities, training helpers).",
     )
     parser.add_argument("--version", action="version", version=f"msxplain-tools {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    sub = parser.add_subparsers(dest="tool", metavar="TOOL")
+    # usage errors of any subcommand exit with 64 too (argparse's own 2 is reserved for Bash)
+    sub = parser.add_subparsers(dest="tool", metavar="TOOL", parser_class=UsageArgumentParser)
     for name, (module_name, help_text) in TOOL_MODULES.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(_module=module_name)
@@ -45,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one tool; returns its exit code (BIDS-Apps codes on errors)."""
-    from .parser import UsageArgumentParser  # noqa: F401  (same exit-code policy as msxplain)
-
     parser = build_parser()
-    parser.__class__ = UsageArgumentParser
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: 0 for --help/--version, else usage error

@@ -204,43 +204,43 @@ def segment_lesions(
     return LesionSegmentation(dseg=cleaned_dseg, instances=instances, instance_class=instance_class)
 
 
-def lesion_geometry(instances: np.ndarray, instance_class: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
+def lesion_geometry(instances: np.ndarray, n_lesions: int, affine: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Position and size of every lesion, from one pass over the instance map.
 
     Parameters
     ----------
     instances : ndarray of int, shape (X, Y, Z)
-        0 background, ``1..n`` lesions.
-    instance_class : ndarray of int, shape (n,)
-        Class index of each lesion.
-    affine : ndarray, shape (4, 4)
-        Voxel -> scanner RAS+ mm.
+        0 background, ``1..n_lesions`` lesions.
+    n_lesions : int
+    affine : ndarray, shape (4, 4), optional
+        Voxel -> scanner RAS+ mm; without it the mm columns and the volume are NaN.
 
     Returns
     -------
-    dict of ndarray, each of shape (n,)
-        ``label``, ``class_index``, ``voxels``, ``volume_mm3``, ``centroid_i/j/k`` (voxel
-        indices, float) and ``centroid_x/y/z_mm`` (scanner RAS+, mm).
+    dict of ndarray, each of shape (n_lesions,), in label order
+        ``label``, ``centroid_x_vox``/``_y_vox``/``_z_vox`` (voxel indices, float),
+        ``centroid_x_mm``/``_y_mm``/``_z_mm`` (scanner RAS+, mm), ``n_voxels``, ``volume_mm3``.
     """
-    instances = np.asarray(instances)
-    n = int(np.asarray(instance_class).size)
-    labels = np.arange(1, n + 1)
-    out: dict[str, np.ndarray] = {"label": labels, "class_index": np.asarray(instance_class, dtype=np.int32)}
-    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3])))
-    flat = instances.ravel()
-    nz = np.flatnonzero(flat)
-    lab = flat[nz].astype(np.int64)
-    counts = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
-    out["voxels"] = counts
-    out["volume_mm3"] = counts * voxel_mm3
-    ijk = np.unravel_index(nz, instances.shape)
-    centroid = np.zeros((n, 3))
-    for axis in range(3):
-        sums = np.bincount(lab, weights=ijk[axis].astype(np.float64), minlength=n + 1)[1:]
-        centroid[:, axis] = sums / np.maximum(counts, 1)
-    world = centroid @ np.asarray(affine, dtype=np.float64)[:3, :3].T + np.asarray(affine, dtype=np.float64)[:3, 3]
-    for axis, name in enumerate("ijk"):
-        out[f"centroid_{name}"] = centroid[:, axis]
+    inst = np.asarray(instances)
+    n = int(n_lesions)
+    idx = np.flatnonzero(inst)
+    lab = inst.reshape(-1)[idx].astype(np.int64)
+    count = np.bincount(lab, minlength=n + 1)[: n + 1].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        centroid = np.stack([np.bincount(lab, weights=c, minlength=n + 1)[: n + 1] / count
+                             for c in np.unravel_index(idx, inst.shape)], axis=1)[1:]
+    if affine is None:
+        mm = np.full_like(centroid, np.nan)
+        volume = np.full(n, np.nan)
+    else:
+        aff = np.asarray(affine, dtype=np.float64)
+        mm = centroid @ aff[:3, :3].T + aff[:3, 3]
+        volume = count[1:] * abs(float(np.linalg.det(aff[:3, :3])))
+    out = {"label": np.arange(1, n + 1, dtype=np.int64)}
     for axis, name in enumerate("xyz"):
-        out[f"centroid_{name}_mm"] = world[:, axis]
+        out[f"centroid_{name}_vox"] = centroid[:, axis]
+    for axis, name in enumerate("xyz"):
+        out[f"centroid_{name}_mm"] = mm[:, axis]
+    out["n_voxels"] = count[1:].astype(np.int64)
+    out["volume_mm3"] = volume
     return out

@@ -94,7 +94,8 @@ class PostProcess(SimpleInterface):
                         "metadata": {"Manual": False, **params}})
         instances_file = os.path.abspath("instances.nii.gz")
         save_image(instances_file, seg.instances.astype(np.int16), affine)
-        geometry = lesion_geometry(seg.instances, seg.instance_class, affine)
+        geometry = lesion_geometry(seg.instances, seg.n_lesions, affine)
+        geometry["class_index"] = seg.instance_class
         class_names = dict(zip(indices, names))
         instance_lut = os.path.abspath("instances.tsv")
         with open(instance_lut, "w") as handle:

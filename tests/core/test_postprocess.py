@@ -95,8 +95,8 @@ def test_empty_prediction():
     probs[0] = 1
     seg = segment_lesions(probs, [1, 2], 0.5, 1, 26)
     assert seg.n_lesions == 0 and not seg.instances.any()
-    geo = lesion_geometry(seg.instances, seg.instance_class, np.eye(4))
-    assert geo["voxels"].size == 0
+    geo = lesion_geometry(seg.instances, seg.n_lesions, np.eye(4))
+    assert geo["n_voxels"].size == 0
 
 
 def test_lesion_geometry():
@@ -105,8 +105,8 @@ def test_lesion_geometry():
     instances[7, 7, 7] = 2
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = [-10, 0, 5]
-    geo = lesion_geometry(instances, np.array([1, 2]), affine)
-    assert list(geo["voxels"]) == [8, 1]
+    geo = lesion_geometry(instances, 2, affine)
+    assert list(geo["n_voxels"]) == [8, 1]
     assert geo["volume_mm3"][0] == pytest.approx(64.0)
-    assert geo["centroid_i"][0] == pytest.approx(2.5)
+    assert geo["centroid_x_vox"][0] == pytest.approx(2.5)
     assert geo["centroid_x_mm"][0] == pytest.approx(-5.0) and geo["centroid_z_mm"][1] == pytest.approx(19.0)
