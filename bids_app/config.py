@@ -59,6 +59,14 @@ class PostprocessConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    voxel_uncertainty: tuple[str, ...] = ("EoE", "ExE", "MI")
+    lesion_uncertainty_maps: tuple[str, ...] = ("LSU", "mean_MI")
+    detection_method: str = "iou_adj"
+    detection_threshold: float = 0.1
+
+
+@dataclass(frozen=True)
 class ResourceConfig:
     nprocs: int = 1
     omp_nthreads: int = 1
@@ -73,6 +81,7 @@ class Config:
     model: ModelConfig
     postprocess: PostprocessConfig
     resources: ResourceConfig
+    outputs: OutputConfig = field(default_factory=OutputConfig)
     verbosity: int = 0
 
     # ------------------------------------------------------------------
@@ -148,7 +157,15 @@ class Config:
                                  connectivity=ns.connectivity)
         resources = ResourceConfig(nprocs=int(nprocs), omp_nthreads=int(omp), mem_gb=ns.mem_gb,
                                    plugin=ns.plugin, plugin_args=dict(ns.plugin_args or {}))
-        return cls(execution=execution, model=model, postprocess=post, resources=resources,
+        outputs = OutputConfig(
+            voxel_uncertainty=tuple(getattr(ns, "voxel_uncertainty", None) or OutputConfig.voxel_uncertainty),
+            lesion_uncertainty_maps=tuple(getattr(ns, "lesion_uncertainty_maps", None)
+                                          if getattr(ns, "lesion_uncertainty_maps", None) is not None
+                                          else OutputConfig.lesion_uncertainty_maps),
+            detection_method=getattr(ns, "detection_method", "iou_adj"),
+            detection_threshold=float(getattr(ns, "detection_threshold", 0.1)),
+        )
+        return cls(execution=execution, model=model, postprocess=post, resources=resources, outputs=outputs,
                    verbosity=int(getattr(ns, "verbose", 0) or 0))
 
     # ------------------------------------------------------------------

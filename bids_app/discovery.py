@@ -247,7 +247,7 @@ def list_sessions(layout, participant_label=None, session_label=None) -> list[tu
 def check_filter_keys(card: ModelCard, bids_filters: dict | None) -> None:
     if not bids_filters:
         return
-    names = {c.name.lower() for c in card.channels}
+    names = {c.name.lower() for c in card.channels} | {"reference"}
     unknown = [k for k in bids_filters if k.lower() not in names]
     if unknown:
         raise UsageError(f"--bids-filter-file has entries {unknown} that are not channels of the model "
@@ -330,3 +330,88 @@ def discover(layout, card: ModelCard, participant_label=None, session_label=None
         raise NoMatchingInputs(f"No selected session has any of the model's input images ({channels}).",
                                hint="check the dataset, the labels and --bids-filter-file.")
     return ok, failed
+
+
+# --------------------------------------------------------------------------------------
+# Reference (manual) lesion masks for the evaluation
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReferenceMasks:
+    """Where a session's manual lesion masks are and how to read them.
+
+    ``kind`` is ``dseg`` (one class map; ``value_map`` maps its values to the model's class
+    indices), ``class_masks`` (one binary mask per model class: ``files`` in the model's label
+    order, None where absent) or ``binary`` (one mask of all lesions; only class-agnostic
+    metrics are computed).
+    """
+
+    kind: str
+    files: tuple[str | None, ...]
+    value_map: dict[int, int] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _lookup_table(path: Path, root: Path) -> Path | None:
+    candidates = [path.with_name(path.name.replace("".join(path.suffixes), ".tsv")), root / "dseg.tsv"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _dseg_value_map(lut: Path | None, card: ModelCard) -> dict[int, int]:
+    """Map reference dseg values to model label indices by name/abbreviation (else identity)."""
+    identity = {lab.index: lab.index for lab in card.labels}
+    if lut is None:
+        return identity
+    import pandas as pd
+
+    table = pd.read_csv(lut, sep="\t", dtype=str)
+    names = {lab.name.lower(): lab.index for lab in card.labels}
+    long_names = {lab.long_name.lower().replace(" ", "").replace("-", ""): lab.index for lab in card.labels
+                  if lab.long_name}
+    aliases = {"whitematterlesion": "wml", "corticallesion": "cl"}
+    out: dict[int, int] = {}
+    for _, row in table.iterrows():
+        for col in ("abbreviation", "name"):
+            value = str(row.get(col, "")).lower().replace(" ", "").replace("-", "")
+            value = aliases.get(value, value)
+            index = names.get(value, long_names.get(value))
+            if index is not None:
+                out[int(row["index"])] = index
+                break
+    return out or identity
+
+
+def find_reference_masks(ref_dir: Path, card: ModelCard, subject: str, session: str | None,
+                         user_filter: dict[str, Any] | None = None) -> ReferenceMasks | None:
+    """Find a session's manual lesion masks in a BIDS derivatives folder.
+
+    Preference: a class map ``*_desc-lesions_dseg`` (any ``desc`` if a filter says so), then
+    one ``*_label-<class>_mask`` per model class, then a ``*_label-lesion_mask`` of all lesions.
+    ``user_filter`` (the ``"reference"`` entry of ``--bids-filter-file``) narrows the search.
+
+    Returns None when the session has no reference mask.
+    """
+    from bids import BIDSLayout
+    from bids.layout import Query
+
+    layout = BIDSLayout(str(ref_dir), validate=False, config=["bids", "derivatives"])
+    base = {"subject": subject, "session": session if session else Query.NONE,
+            "extension": IMAGE_EXTENSIONS, **_pybids_filters(user_filter or {})}
+    dseg = layout.get(return_type="filename", suffix="dseg", **{"desc": "lesions", **base})
+    if len(dseg) > 1:
+        raise BadInputData(f"Several reference class maps for sub-{subject}: {[Path(p).name for p in dseg]}.",
+                           hint='pick one with a "reference" entry in --bids-filter-file.')
+    if dseg:
+        path = Path(dseg[0])
+        return ReferenceMasks("dseg", (str(path),), _dseg_value_map(_lookup_table(path, Path(ref_dir)), card),
+                              f"class map {path.name}")
+    per_class = []
+    for lab in card.labels:
+        found = layout.get(return_type="filename", suffix="mask", label=lab.name, **base)
+        per_class.append(sorted(found)[-1] if found else None)
+    if any(per_class):
+        return ReferenceMasks("class_masks", tuple(per_class), {}, "per-class masks " + ", ".join(
+            Path(p).name for p in per_class if p))
+    union = layout.get(return_type="filename", suffix="mask", label="lesion", **base)
+    if union:
+        return ReferenceMasks("binary", (sorted(union)[-1],), {}, f"binary mask {Path(sorted(union)[-1]).name}")
+    return None

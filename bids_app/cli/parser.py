@@ -209,6 +209,19 @@ def build_parser() -> UsageArgumentParser:
     model.add_argument("--save-member-probabilities", dest="save_member_probabilities", action="store_true",
                        help="also write each ensemble member's lesion probabilities (large)")
 
+    unc = parser.add_argument_group("Uncertainty and evaluation")
+    unc.add_argument("--voxel-uncertainty", dest="voxel_uncertainty", nargs="+", metavar="MEASURE",
+                     choices=("NC", "EoE", "ExE", "MI", "EPKL", "RMI"), default=["EoE", "ExE", "MI"],
+                     help="voxel uncertainty maps to write")
+    unc.add_argument("--lesion-uncertainty-maps", dest="lesion_uncertainty_maps", nargs="*", metavar="MEASURE",
+                     default=["LSU", "mean_MI"],
+                     help="lesion measures written as maps (each lesion painted with its value); all lesion "
+                     "measures are in the lesion table anyway")
+    unc.add_argument("--detection-method", dest="detection_method", choices=("iou_adj", "iou", "non_zero"),
+                     default="iou_adj", help="lesion-wise detection rule of the evaluation")
+    unc.add_argument("--detection-threshold", dest="detection_threshold", type=_probability, default=0.1,
+                     metavar="T", help="IoU threshold of a detected lesion (evaluation)")
+
     perf = parser.add_argument_group("Performance and execution")
     perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, metavar="DIR",
                       help="Nipype working directory (re-use it to resume); default: OUTPUT_DIR/../work "

@@ -72,7 +72,7 @@ def main_exit() -> None:  # console-script entry point
 # --------------------------------------------------------------------------------------
 # Participant level
 # --------------------------------------------------------------------------------------
-def resolve_settings(config, model, digests: dict[str, str]):
+def resolve_settings(config, model, digests: dict[str, str], references: dict | None = None):
     """Model card defaults + user overrides -> :class:`~bids_app.workflows.base.PipelineSettings`."""
     from ..core.segment import resolve_device
     from ..models import CARD_NAME, model_provenance, select_members
@@ -116,6 +116,13 @@ def resolve_settings(config, model, digests: dict[str, str]):
         template_t1w=template_t1w,
         template_mask=template_mask,
         brain_mask_mode={"auto": "auto", "yes": "stripped", "no": "template"}[config.model.skull_stripped],
+        member_thresholds=tuple(card.member_thresholds[f] for f in folds) if card.member_thresholds else (),
+        voxel_maps=tuple(config.outputs.voxel_uncertainty),
+        lesion_maps=tuple(config.outputs.lesion_uncertainty_maps),
+        detection_method=config.outputs.detection_method,
+        detection_threshold=config.outputs.detection_threshold,
+        ndsc_r=card.reference_lesion_load,
+        references=dict(references or {}),
     )
 
 
@@ -205,7 +212,19 @@ def run_participant(config) -> int:
 
         raise CannotCreateOutput(f"Cannot create the work folder ({exc.strerror}).", path=str(ex.work_dir),
                                  hint="choose a writable --work-dir.") from None
-    settings = resolve_settings(config, model, digests)
+    references = {}
+    if ex.reference_masks is not None:
+        from ..discovery import find_reference_masks
+
+        for s in sessions:
+            ref = find_reference_masks(ex.reference_masks, model.card, s.subject, s.session,
+                                       (ex.bids_filters or {}).get("reference"))
+            if ref is None:
+                LOGGER.warning("%s has no reference mask in %s: not evaluated.", s.name, ex.reference_masks)
+            else:
+                LOGGER.info("%s evaluated against %s", s.name, ref.reason)
+                references[s.name] = ref
+    settings = resolve_settings(config, model, digests, references)
     write_dataset_files(ex.output_dir, ex.bids_dir, __version__)
     remove_stale_staging(ex.output_dir)
     log_dir = ex.output_dir / "logs"

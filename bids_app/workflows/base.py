@@ -2,8 +2,9 @@
 
 Workflow Graph (per session)::
 
-    inputnode ─ conform ─┬─ brain_mask ─ predict (GPU) ─ postprocess ─┬─ summary ─┐
-                         └──────────────────────────────────────────────┴──────────┴─ merge ─ ds_session
+    conform ─ brain_mask ─ predict (GPU) ─┬─ postprocess ──────────────┐
+                                          ├─ uncertainty ─┬─ lesion_table ─┤
+                                          └─ [evaluation] ┘   summary ──┴─ records ─ ds_session
 
 Nodes only wire: every computation lives in :mod:`bids_app.core` behind a thin interface.
 All derivatives of a session go through a single sink (``ds_session``) that writes them all
@@ -24,8 +25,10 @@ from nipype.pipeline import engine as pe
 from ..discovery import SessionInputs
 from ..interfaces.conform import BrainMask, ConformInputs
 from ..interfaces.derivatives import DerivativesSink, SessionSummary
+from ..interfaces.evaluation import EvaluateSession, LesionTable
 from ..interfaces.postprocess import PostProcess
 from ..interfaces.segment import PredictLesions
+from ..interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS, ComputeUncertainty
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,14 @@ class PipelineSettings:
     template_t1w: Path | None = None
     template_mask: Path | None = None
     brain_mask_mode: str = "auto"
+    member_thresholds: tuple[float, ...] = ()
+    voxel_maps: tuple[str, ...] = DEFAULT_VOXEL_MAPS
+    lesion_maps: tuple[str, ...] = DEFAULT_LESION_MAPS
+    detection_method: str = "iou_adj"
+    detection_threshold: float = 0.1
+    ndsc_r: float = 0.001
+    #: session name -> bids_app.discovery.ReferenceMasks (evaluation on when present)
+    references: dict[str, Any] = field(default_factory=dict)
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -67,6 +78,10 @@ class PipelineSettings:
             "TestTimeAugmentation": self.tta,
             "Device": self.device,
             "SkullStripForNetwork": self.skull_strip,
+            "MemberThresholds": list(self.member_thresholds) or None,
+            "DetectionMethod": self.detection_method,
+            "DetectionThreshold": self.detection_threshold,
+            "nDSCReferenceLesionLoad": self.ndsc_r,
         }
 
     def common_metadata(self) -> dict[str, Any]:
@@ -104,7 +119,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     """
     workflow = pe.Workflow(name=session_wf_name(session))
     sources = session.paths
-    reference = sources[settings.reference_channel]
+    reference_image = sources[settings.reference_channel]
     use_gpu = settings.device == "cuda"
 
     # 1. bring every channel onto the reference image's grid
@@ -131,37 +146,85 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
                                       save_member_probabilities=settings.save_member_probabilities,
                                       sources=sources),
                           name="postprocess", mem_gb=3.0)
-    # 5. session summary (read by the group level)
-    parts = pe.Node(niu.Merge(4), name="summary_parts", run_without_submitting=True)
-    summary = pe.Node(SessionSummary(
-        participant_id=f"sub-{session.subject}", session_id=f"ses-{session.session}" if session.session else "",
-        inputs=[{"channel": f.channel, "file": str(Path(f.path).relative_to(settings.bids_dir)), "reason": f.reason}
-                for f in session.files],
-        sources=sources, provenance=settings.common_metadata()["msxplain"]),
-        name="summary", run_without_submitting=True)
-    # 6. one sink for everything: all or nothing
-    records = pe.Node(niu.Merge(4, ravel_inputs=True), name="records", run_without_submitting=True)
-    ds_session = pe.Node(DerivativesSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
-                                         common_metadata=settings.common_metadata(),
-                                         spatial_reference=reference),
-                         name="ds_session", run_without_submitting=True)
-    ds_session.overwrite = True  # always (re)write: the output folder may have been cleaned
-
+    # 5. voxel, lesion and patient-scale uncertainty; the lesion table starts here
+    uncertainty = pe.Node(ComputeUncertainty(
+        label_indices=list(settings.label_indices), label_names=list(settings.label_names),
+        threshold=settings.threshold, member_thresholds=list(settings.member_thresholds),
+        min_lesion_size=settings.min_lesion_size, connectivity=settings.connectivity,
+        voxel_maps=list(settings.voxel_maps), lesion_maps=list(settings.lesion_maps), sources=sources),
+        name="uncertainty", mem_gb=4.0)
     workflow.connect([
         (conform, brain_mask, [("reference_file", "reference_file")]),
         (conform, predict, [("channels_file", "channels_file")]),
         (brain_mask, predict, [("mask_file", "mask_file")]),
         (predict, postprocess, [("member_probs_file", "member_probs_file")]),
         (conform, postprocess, [("reference_file", "reference_file")]),
-        (conform, parts, [("qc_file", "in1")]),
-        (brain_mask, parts, [("qc_file", "in2")]),
-        (predict, parts, [("model_file", "in3")]),
-        (postprocess, parts, [("summary_file", "in4")]),
-        (parts, summary, [("out", "parts")]),
-        (conform, records, [("derivatives", "in1")]),
-        (brain_mask, records, [("derivatives", "in2")]),
-        (postprocess, records, [("derivatives", "in3")]),
-        (summary, records, [("derivatives", "in4")]),
-        (records, ds_session, [("out", "records")]),
+        (predict, uncertainty, [("member_probs_file", "member_probs_file")]),
+        (conform, uncertainty, [("reference_file", "reference_file")]),
+        (brain_mask, uncertainty, [("mask_file", "mask_file")]),
     ])  # fmt:skip
+
+    # what each stage contributes to the summary, the lesion table and the derivatives
+    summary_parts = [(conform, "qc_file"), (brain_mask, "qc_file"), (predict, "model_file"),
+                     (postprocess, "summary_file"), (uncertainty, "summary_file")]
+    fragments = [(uncertainty, "lesions_file", "lesions_dictionary")]
+    record_sources = [(conform, "derivatives"), (brain_mask, "derivatives"), (postprocess, "derivatives"),
+                      (uncertainty, "derivatives")]
+
+    # 6. evaluation against manual masks (--reference-masks)
+    reference = settings.references.get(session.name)
+    if reference is not None:
+        evaluation = pe.Node(EvaluateSession(
+            reference_kind=reference.kind, reference_files=list(reference.files),
+            reference_value_map=dict(reference.value_map), label_indices=list(settings.label_indices),
+            label_names=list(settings.label_names), method=settings.detection_method,
+            detection_threshold=settings.detection_threshold, connectivity=settings.connectivity,
+            ndsc_r=settings.ndsc_r, sources=sources), name="evaluation", mem_gb=3.0)
+        workflow.connect([
+            (postprocess, evaluation, [("instances_file", "instances_file")]),
+            (uncertainty, evaluation, [("lesions_file", "lesions_file")]),
+            (predict, evaluation, [("member_probs_file", "member_probs_file")]),
+            (brain_mask, evaluation, [("mask_file", "mask_file")]),
+        ])  # fmt:skip
+        summary_parts.append((evaluation, "summary_file"))
+        fragments.append((evaluation, "lesions_file", "lesions_dictionary"))
+        record_sources.append((evaluation, "derivatives"))
+
+    # 7. the lesion table: fragments joined on the lesion label
+    fragment_files = pe.Node(niu.Merge(len(fragments)), name="fragment_files", run_without_submitting=True)
+    fragment_dicts = pe.Node(niu.Merge(len(fragments)), name="fragment_dicts", run_without_submitting=True)
+    for i, (node, table_out, dict_out) in enumerate(fragments, start=1):
+        workflow.connect(node, table_out, fragment_files, f"in{i}")
+        workflow.connect(node, dict_out, fragment_dicts, f"in{i}")
+    lesion_table = pe.Node(LesionTable(sources=sources), name="lesion_table", run_without_submitting=True)
+    workflow.connect([
+        (fragment_files, lesion_table, [("out", "fragments")]),
+        (fragment_dicts, lesion_table, [("out", "dictionaries")]),
+    ])  # fmt:skip
+    record_sources.append((lesion_table, "derivatives"))
+
+    # 8. session summary (read by the group level)
+    parts = pe.Node(niu.Merge(len(summary_parts)), name="summary_parts", run_without_submitting=True)
+    for i, (node, out) in enumerate(summary_parts, start=1):
+        workflow.connect(node, out, parts, f"in{i}")
+    summary = pe.Node(SessionSummary(
+        participant_id=f"sub-{session.subject}", session_id=f"ses-{session.session}" if session.session else "",
+        inputs=[{"channel": f.channel, "file": str(Path(f.path).relative_to(settings.bids_dir)), "reason": f.reason}
+                for f in session.files],
+        sources=sources, provenance=settings.common_metadata()["msxplain"]),
+        name="summary", run_without_submitting=True)
+    workflow.connect(parts, "out", summary, "parts")
+    record_sources.append((summary, "derivatives"))
+
+    # 9. one sink for everything: all or nothing
+    records = pe.Node(niu.Merge(len(record_sources), ravel_inputs=True), name="records",
+                      run_without_submitting=True)
+    for i, (node, out) in enumerate(record_sources, start=1):
+        workflow.connect(node, out, records, f"in{i}")
+    ds_session = pe.Node(DerivativesSink(output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir),
+                                         common_metadata=settings.common_metadata(),
+                                         spatial_reference=reference_image),
+                         name="ds_session", run_without_submitting=True)
+    ds_session.overwrite = True  # always (re)write: the output folder may have been cleaned
+    workflow.connect(records, "out", ds_session, "records")
     return workflow
