@@ -20,6 +20,8 @@ TOOL_MODULES: dict[str, tuple[str, str]] = {
     "synth": (".tool_synth", "write a synthetic multi-site MS BIDS dataset with true lesion masks"),
     "uncertainty": (".tool_uncertainty", "uncertainty maps, lesion table and patient summary from member probabilities"),
     "evaluate": (".tool_evaluate", "lesion-wise detection, voxel and calibration metrics of a mask against a reference"),
+    "prepare-training": (".tool_prepare_training", "BIDS images + reference masks -> an nnU-Net raw training dataset"),
+    "train-demo": (".tool_train_demo", "train the demo nnU-Net ensemble on synthetic data (the bundled model's recipe)"),
 }
 
 

@@ -270,17 +270,40 @@ def resample_to(reference: Image, moving: Image, transform: RigidTransform | Non
                 interpolation: str = "linear") -> np.ndarray:
     """Resample ``moving`` onto the reference grid through ``transform`` (reference -> moving).
 
+    Without a transform (or with an identity one) the images are aligned by their headers
+    and the resampling is one trilinear/nearest interpolation of the voxel-to-voxel affine
+    (scipy), the same computation the training data went through
+    (:func:`bids_app.training.dataset.conform_case`); a registration result goes through
+    SimpleITK.
+
     Returns
     -------
     ndarray of float32, shape reference.shape
         0 outside the moving image's field of view.
     """
+    if transform is None or transform.identity:
+        return resample_by_header(reference, moving, interpolation)
     import SimpleITK as sitk
 
     interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}[interpolation]
-    t = transform.to_sitk() if transform is not None and not transform.identity else sitk.Transform()
-    out = sitk.Resample(to_sitk(moving), to_sitk(reference), t, interp, 0.0, sitk.sitkFloat32)
+    out = sitk.Resample(to_sitk(moving), to_sitk(reference), transform.to_sitk(), interp, 0.0, sitk.sitkFloat32)
     return from_sitk_array(out)
+
+
+def resample_by_header(reference: Image, moving: Image, interpolation: str = "linear") -> np.ndarray:
+    """``moving`` on the reference grid, aligned through the two affines only (no registration).
+
+    Returns
+    -------
+    ndarray of float32, shape reference.shape
+    """
+    from scipy import ndimage
+
+    order = {"linear": 1, "nearest": 0, "bspline": 3}[interpolation]
+    vox = np.linalg.inv(moving.affine) @ reference.affine  # reference voxel -> moving voxel
+    return ndimage.affine_transform(np.asarray(moving.data, dtype=np.float32), vox[:3, :3], offset=vox[:3, 3],
+                                    output_shape=reference.shape, order=order, mode="constant", cval=0.0,
+                                    prefilter=order > 1).astype(np.float32, copy=False)
 
 
 def registration_quality(reference: Image, resampled: np.ndarray, mask: np.ndarray | None = None) -> float:
