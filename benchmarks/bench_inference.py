@@ -181,7 +181,8 @@ def main(argv=None) -> int:
     trainer_dir = build_model(results, args.plans, args.members)
     inputs = make_inputs(work / "input", tuple(args.size), args.image)
     env = dict(os.environ, nnUNet_results=str(results), nnUNet_raw=str(work / "raw"),
-               nnUNet_preprocessed=str(work / "pre"), nnUNet_compile="f", PYTHONPATH=str(REPO))
+               nnUNet_preprocessed=str(work / "pre"), nnUNet_compile="f",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     folds = [str(k) for k in range(args.members)]
     rows = {"msxplain": [], "nnUNetv2_predict": []}
     for r in range(args.repeats):

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--da-workers", type=int, default=d.da_workers, help="augmentation processes per member")
     parser.add_argument("--min-member-dice", type=float, default=d.min_member_dice,
                         help="a member below this validation lesion Dice does not join the ensemble")
+    parser.add_argument("--reuse-data", action="store_true",
+                        help="reuse the synthetic data and plans already in WORKDIR (retrain the members only)")
     parser.add_argument("--templates", default=None, help="folder with tpl-MNI152NLin2009cAsym (else TemplateFlow)")
     parser.add_argument("--lesion-masks", default=None, help="open_ms_data cross_sectional/MNI folder")
 
@@ -47,7 +49,8 @@ def run(args) -> int:
         members=args.members, train_seconds=args.train_seconds, iterations_per_epoch=args.iterations_per_epoch,
         device=args.device, features=tuple(args.features), patch_size=tuple(args.patch_size),
         batch_size=args.batch_size, da_workers=args.da_workers, templates_dir=args.templates,
-        lesion_dir=args.lesion_masks, min_member_dice=args.min_member_dice)
+        lesion_dir=args.lesion_masks, min_member_dice=args.min_member_dice,
+        reuse_data=args.reuse_data)
     report = run_recipe(cfg)
     print(json.dumps({"model_dir": report["model_dir"], "tuning": {k: v for k, v in report["tuning"].items()
                                                                     if k != "grid_mean_F1"},

@@ -79,6 +79,7 @@ class RecipeConfig:
     connectivity: int = 18
     detection_threshold: float = 0.1
     min_member_dice: float = 0.2
+    reuse_data: bool = False
     timings: dict = field(default_factory=dict)
 
     @property
@@ -447,8 +448,15 @@ def run_recipe(cfg: RecipeConfig) -> dict:
         (cfg.workdir / "report.json").write_text(json.dumps(report, indent=1, default=str))
         return out
 
-    cases = step("synthesize", synthesize, cfg)
-    plans_info = step("plan_and_preprocess", plan_and_preprocess, cfg)
+    pre = cfg.workdir / "nnUNet_preprocessed" / cfg.dataset
+    if cfg.reuse_data and (cfg.workdir / "cases.json").is_file() and (pre / f"{PLANS}.json").is_file():
+        cases = json.loads((cfg.workdir / "cases.json").read_text())
+        plans_info = {"used": _plan_summary(json.loads((pre / f"{PLANS}.json").read_text())),
+                      "default_3d_fullres": _plan_summary(json.loads((pre / "nnUNetPlans.json").read_text()))}
+        shutil.rmtree(cfg.workdir / "nnUNet_results", ignore_errors=True)
+    else:
+        cases = step("synthesize", synthesize, cfg)
+        plans_info = step("plan_and_preprocess", plan_and_preprocess, cfg)
     write_splits(cfg, cases)
     report["train_status"] = step("train", train_members, cfg)
     folds = [f for f, code in report["train_status"].items()
