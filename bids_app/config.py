@@ -64,6 +64,11 @@ class OutputConfig:
     lesion_uncertainty_maps: tuple[str, ...] = ("LSU", "mean_MI")
     detection_method: str = "iou_adj"
     detection_threshold: float = 0.1
+    lesion_features: bool = True
+    atlas: str = "auto"
+    atlas_lut: str | None = None
+    export_meshes: bool = False
+    in_domain_sites: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,11 @@ class Config:
                                           else OutputConfig.lesion_uncertainty_maps),
             detection_method=getattr(ns, "detection_method", "iou_adj"),
             detection_threshold=float(getattr(ns, "detection_threshold", 0.1)),
+            lesion_features=bool(getattr(ns, "lesion_features", True)),
+            atlas=str(getattr(ns, "atlas", "auto")),
+            atlas_lut=str(ns.atlas_lut) if getattr(ns, "atlas_lut", None) else None,
+            export_meshes=bool(getattr(ns, "export_meshes", False)),
+            in_domain_sites=tuple(ns.in_domain_sites) if getattr(ns, "in_domain_sites", None) else None,
         )
         return cls(execution=execution, model=model, postprocess=post, resources=resources, outputs=outputs,
                    verbosity=int(getattr(ns, "verbose", 0) or 0))

@@ -1,45 +1,305 @@
-"""The group level: aggregate existing participant outputs (plain pandas, no Nipype)."""
+"""The group level: cohort tables and statistics from existing participant outputs.
+
+Plain pandas, no Nipype and no re-running of participants (MRIQC's design): it reads the
+``*_summary.json`` and ``*_lesions.tsv`` files the participant level wrote, checks first that
+every expected participant has them (MRtrix3_connectome's habit: name what is missing before
+computing anything), and writes into ``OUTPUT_DIR/group/``:
+
+==========================================  ================================================
+file                                        content
+==========================================  ================================================
+``group_sessions.tsv`` + ``.json``          one row per session (``participant_id``,
+                                            ``session_id`` first; site/scanner from
+                                            ``participants.tsv``): counts, volumes,
+                                            patient uncertainty, QC flags, evaluation
+``group_lesions.tsv`` + ``.json``           every lesion of every session
+``group_summary.tsv``                       mean, median, bootstrap CI and SE of the session
+                                            measures, overall and per site
+``group_detection.tsv``                     pooled and per-site (in/out of domain) lesion
+                                            detection (with reference masks)
+``group_retention.tsv``                     patient-scale retention AUC/AAC per uncertainty
+                                            measure and metric (with reference masks)
+``group_regression.json``                   which lesion properties explain lesion
+                                            uncertainty (ElasticNet + RFE, repeated CV)
+``group_icc.tsv``                           ICC(3,1) and ICC(3,k) of session measures across
+                                            repeated sessions of the same subjects
+``group_space-MNI152NLin2009cAsym_desc-``   fraction of sessions with a lesion at each
+``lesionfrequency_probseg.nii.gz``          template voxel
+``group_report.html``                       the group report (``bids_app.reports``)
+==========================================  ================================================
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from .errors import MissingInput
 
 LOGGER = logging.getLogger("bids_app.group")
+
+#: lesion-table columns that explain uncertainty (when present); the target is LSU
+EXPLANATORY_FEATURES = (
+    "volume_mm3", "radiomics_shape_Sphericity", "radiomics_shape_Elongation", "radiomics_shape_Flatness",
+    "radiomics_shape_SurfaceVolumeRatio", "radiomics_shape_Maximum3DDiameter", "gm_fraction",
+    "distance_to_cortex_mm", "distance_to_ventricle_mm", "T1w_contrast_nawm", "FLAIR_contrast_nawm",
+)
+SESSION_MEASURES_FOR_ICC = ("n_lesions", "total_volume_mm3", "unc_PSU", "unc_avg_LSU", "unc_avg_MI")
+MIN_LESIONS_FOR_REGRESSION = 30
 
 
 def find_summaries(output_dir: Path) -> list[Path]:
     return sorted(Path(output_dir).glob("sub-*/**/anat/*_summary.json"))
 
 
-def run_group(config) -> int:
-    """Check that participant outputs exist and aggregate them (see docs)."""
-    import pandas as pd
+def read_participants(bids_dir: Path) -> pd.DataFrame:
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        return pd.DataFrame(columns=["participant_id"])
+    table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+    return table
 
-    from . import __version__
-    from .derivatives import atomic_write_text, write_dataset_files
 
-    out = config.execution.output_dir
-    summaries = find_summaries(out)
+def expected_participants(bids_dir: Path, labels: tuple[str, ...] | None) -> list[str]:
+    """Participants the group level expects outputs for: the labels given, else every
+    ``sub-*`` folder of the input dataset."""
+    if labels:
+        return [f"sub-{label}" for label in labels]
+    return sorted(p.name for p in Path(bids_dir).glob("sub-*") if p.is_dir())
+
+
+def _flat(prefix: str, data: dict) -> dict:
+    out = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, (dict, list)):
+            continue
+        out[f"{prefix}{key}".replace("/", "_")] = value
+    return out
+
+
+def session_row(summary: dict) -> dict:
+    """One row of ``group_sessions.tsv`` from a session summary."""
+    row: dict[str, Any] = {"participant_id": summary["participant_id"],
+                           "session_id": summary.get("session_id", "n/a")}
+    lesions = summary.get("lesions", {})
+    row["n_lesions"] = lesions.get("n_lesions")
+    row["total_volume_mm3"] = lesions.get("total_volume_mm3")
+    for name, entry in lesions.get("per_class", {}).items():
+        row[f"n_{name}"] = entry.get("n_lesions")
+        row[f"volume_{name}_mm3"] = entry.get("volume_mm3")
+    row.update(_flat("unc_", summary.get("uncertainty", {})))
+    row.update(_flat("eval_", summary.get("evaluation", {})))
+    row["brain_volume_litres"] = summary.get("brain_mask", {}).get("brain_volume_litres")
+    row["qc_flags"] = ";".join(summary.get("qc_flags", [])) or "none"
+    row["model_id"] = summary.get("provenance", {}).get("Model", {}).get("Id")
+    return row
+
+
+@dataclass
+class GroupResult:
+    sessions: pd.DataFrame
+    lesions: pd.DataFrame
+    summary: pd.DataFrame
+    detection: pd.DataFrame | None = None
+    retention: pd.DataFrame | None = None
+    retention_curves: dict = field(default_factory=dict)
+    regression: dict | None = None
+    icc: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def collect(output_dir: Path, bids_dir: Path, participant_label=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read every session summary and lesion table; check nothing expected is missing.
+
+    Raises
+    ------
+    MissingInput
+        No participant output at all, or expected participants without outputs (named).
+    """
+    summaries = find_summaries(output_dir)
     if not summaries:
-        raise MissingInput("No participant outputs (*_summary.json) found in the output folder.", path=str(out),
+        raise MissingInput("No participant outputs (*_summary.json) found in the output folder.", path=str(output_dir),
                            hint="run the participant level first, into this output folder.")
-    rows = []
+    rows, lesion_frames = [], []
     for path in summaries:
-        data = json.loads(path.read_text())
-        row = {"participant_id": data["participant_id"], "session_id": data.get("session_id", "n/a")}
-        lesions = data.get("lesions", {})
-        row["n_lesions"] = lesions.get("n_lesions")
-        row["total_volume_mm3"] = lesions.get("total_volume_mm3")
-        for name, entry in lesions.get("per_class", {}).items():
-            row[f"n_{name}"] = entry.get("n_lesions")
-            row[f"volume_{name}_mm3"] = entry.get("volume_mm3")
-        rows.append(row)
-    table = pd.DataFrame(rows).sort_values(["participant_id", "session_id"])
-    atomic_write_text(out / "group" / "group_lesions.tsv", table.to_csv(sep="\t", index=False, na_rep="n/a"))
-    write_dataset_files(out, config.execution.bids_dir, __version__)
-    LOGGER.info("Group table of %d session(s) written to %s", len(table), out / "group")
+        summary = json.loads(path.read_text())
+        if participant_label and summary["participant_id"][4:] not in participant_label:
+            continue
+        rows.append(session_row(summary))
+        table_path = Path(str(path).replace("_summary.json", "_lesions.tsv"))
+        if not table_path.is_file():
+            raise MissingInput("A session has a summary but no lesion table.", path=str(table_path),
+                               hint="re-run the participant level for this session.")
+        lesions = pd.read_csv(table_path, sep="\t", na_values=["n/a"], keep_default_na=False)
+        lesions.insert(0, "session_id", summary.get("session_id", "n/a"))
+        lesions.insert(0, "participant_id", summary["participant_id"])
+        lesion_frames.append(lesions)
+    have = {r["participant_id"] for r in rows}
+    missing = [p for p in expected_participants(bids_dir, participant_label) if p not in have]
+    if missing:
+        raise MissingInput(f"No participant outputs for {len(missing)} participant(s): {', '.join(missing[:10])}"
+                           f"{'...' if len(missing) > 10 else ''}.", path=str(output_dir),
+                           hint="run the participant level for them, or restrict the group with --participant-label.")
+    sessions = pd.DataFrame(rows)
+    participants = read_participants(bids_dir)
+    extra = [c for c in participants.columns if c != "participant_id"]
+    if extra:
+        sessions = sessions.merge(participants, on="participant_id", how="left")
+        order = ["participant_id", "session_id"] + [c for c in ("site", "scanner") if c in extra]
+        sessions = sessions[order + [c for c in sessions.columns if c not in order]]
+    sessions = sessions.sort_values(["participant_id", "session_id"], kind="stable").reset_index(drop=True)
+    lesions = pd.concat(lesion_frames, ignore_index=True) if lesion_frames else pd.DataFrame()
+    if "site" in sessions.columns and len(lesions):
+        lesions = lesions.merge(sessions[["participant_id", "session_id", "site"]], on=["participant_id", "session_id"],
+                                how="left")
+    return sessions, lesions
+
+
+def analyse(sessions: pd.DataFrame, lesions: pd.DataFrame, *, in_domain_sites=None, seed: int = 0,
+            n_boot: int = 1000, regression_repeats: int = 10, regression_model: str = "elasticnet") -> GroupResult:
+    """All cohort statistics (pure: DataFrames in, DataFrames/dicts out)."""
+    from .core import groupstats
+
+    by = ["site"] if "site" in sessions.columns else []
+    numeric = [c for c in sessions.columns if c not in ("participant_id", "session_id")
+               and pd.api.types.is_numeric_dtype(sessions[c])]
+    result = GroupResult(sessions=sessions, lesions=lesions,
+                         summary=groupstats.summarise(sessions, numeric, by, n_boot=n_boot, seed=seed))
+    counts = [f"eval_all_{c}" for c in ("TPL", "FPL", "USL", "FNL")]
+    if all(c in sessions.columns for c in counts) and sessions[counts].notna().all(axis=None):
+        evaluated = sessions.copy()
+        rename = {f"eval_all_{c}": c for c in ("TPL", "FPL", "USL", "FNL")}
+        evaluated = evaluated.rename(columns=rename)
+        metric_cols = [c for c in evaluated.columns if c.startswith("eval_all_") and
+                       pd.api.types.is_numeric_dtype(evaluated[c])]
+        det = groupstats.detection_summary(evaluated, by=("site", "domain"), in_domain_sites=in_domain_sites,
+                                           metrics=metric_cols, n_boot=n_boot, seed=seed)
+        result.detection = det.pooled
+        unc_cols = [c for c in ("unc_PSU", "unc_avg_LSU", "unc_avg_MI", "unc_avg_EoE") if c in sessions.columns]
+        met_cols = [c for c in ("eval_all_DSC", "eval_all_nDSC", "eval_all_F1") if c in sessions.columns]
+        if unc_cols and met_cols and len(sessions) >= 2:
+            result.retention, result.retention_curves = groupstats.patient_retention_table(
+                sessions, unc_cols, met_cols)
+    else:
+        result.notes.append("no evaluation results (run the participant level with --reference-masks)")
+    features = [c for c in EXPLANATORY_FEATURES if c in lesions.columns]
+    if "LSU" in lesions.columns and features:
+        usable = lesions.dropna(subset=["LSU"] + features)
+        if len(usable) >= MIN_LESIONS_FOR_REGRESSION:
+            res = groupstats.explain_uncertainty(usable, "LSU", features, model=regression_model,
+                                                 n_repeats=regression_repeats)
+            result.regression = {"target": "LSU", "features": features, "n_lesions": int(len(usable)),
+                                 "model": regression_model,
+                                 "summary": res.summary,
+                                 "importance": res.importance.to_dict(orient="records"),
+                                 "scores": res.scores.to_dict(orient="records")}
+        else:
+            result.notes.append(f"uncertainty regression skipped: {len(usable)} complete lesions "
+                                f"(< {MIN_LESIONS_FOR_REGRESSION})")
+    repeated = sessions.groupby("participant_id")["session_id"].nunique()
+    if (repeated >= 2).sum() >= 2:
+        measures = [c for c in SESSION_MEASURES_FOR_ICC if c in sessions.columns]
+        result.icc = groupstats.icc_table(sessions, "participant_id", "session_id", measures)
+    else:
+        result.notes.append("ICC skipped: fewer than 2 participants with repeated sessions")
+    return result
+
+
+def lesion_frequency(output_dir: Path, sessions: pd.DataFrame):
+    """Fraction of sessions with a lesion at each MNI152NLin2009cAsym (2 mm) voxel, from the
+    instance maps and the subject->template transforms the participant level wrote."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from .core.location import TemplateTransform, lesion_frequency_map
+    from .templates import template_file
+
+    template = nib.load(str(template_file(resolution=2, suffix="mask", desc="brain")))
+    items = []
+    for _, row in sessions.iterrows():
+        prefix = row["participant_id"] + ("" if row["session_id"] in (None, "n/a") else f"_{row['session_id']}")
+        folder = Path(output_dir) / row["participant_id"]
+        if row["session_id"] not in (None, "n/a"):
+            folder = folder / row["session_id"]
+        inst = folder / "anat" / f"{prefix}_desc-instances_dseg.nii.gz"
+        xfms = sorted((folder / "anat").glob(f"{prefix}_from-*_to-MNI152NLin2009cAsym_mode-image_xfm.txt"))
+        if not inst.is_file() or not xfms:
+            continue
+        img = nib.load(str(inst))
+        transform = TemplateTransform.from_sitk(sitk.ReadTransform(str(xfms[0])))
+        items.append((np.asarray(img.dataobj) > 0, img.affine, transform))
+    if not items:
+        return None, template.affine
+    result = lesion_frequency_map(items, template.shape, template.affine)
+    return result, template.affine
+
+
+def run_group(config) -> int:
+    """The group level (see the module docstring)."""
+    from . import __version__
+    from .derivatives import atomic_write_text, dumps_json, write_dataset_files
+    from .lesion_table import dictionary_for, to_tsv
+
+    ex = config.execution
+    out = ex.output_dir
+    sessions, lesions = collect(out, ex.bids_dir, ex.participant_label)
+    LOGGER.info("Group level: %d session(s), %d lesion(s)", len(sessions), len(lesions))
+    result = analyse(sessions, lesions, in_domain_sites=getattr(config.outputs, "in_domain_sites", None))
+    group = out / "group"
+    atomic_write_text(group / "group_sessions.tsv", to_tsv(result.sessions))
+    atomic_write_text(group / "group_sessions.json", dumps_json(dictionary_for(result.sessions, _SESSION_DICT)))
+    atomic_write_text(group / "group_lesions.tsv", to_tsv(result.lesions))
+    atomic_write_text(group / "group_lesions.json", dumps_json(dictionary_for(result.lesions, _SESSION_DICT)))
+    atomic_write_text(group / "group_summary.tsv", to_tsv(result.summary))
+    if result.detection is not None:
+        atomic_write_text(group / "group_detection.tsv", to_tsv(result.detection))
+    if result.retention is not None:
+        atomic_write_text(group / "group_retention.tsv", to_tsv(result.retention))
+    if result.regression is not None:
+        atomic_write_text(group / "group_regression.json", dumps_json(result.regression))
+    if result.icc is not None:
+        atomic_write_text(group / "group_icc.tsv", to_tsv(result.icc))
+    try:
+        freq, affine = lesion_frequency(out, result.sessions)
+    except MissingInput as exc:
+        freq = None
+        result.notes.append(f"lesion-frequency map skipped: {exc.one_line()}")
+    if freq is not None:
+        from .core.imageio import save_image
+
+        tmp = group / ".freq.tmp.nii.gz"
+        save_image(tmp, freq.fraction.astype(np.float32), affine)
+        tmp.replace(group / "group_space-MNI152NLin2009cAsym_desc-lesionfrequency_probseg.nii.gz")
+    atomic_write_text(group / "group_notes.json", dumps_json({"notes": result.notes, "version": __version__}))
+    try:
+        from .reports.group import write_group_report
+
+        write_group_report(out, result)
+    except ImportError:  # pragma: no cover - reports are optional in minimal installs
+        LOGGER.warning("group report skipped (report dependencies missing)")
+    write_dataset_files(out, ex.bids_dir, __version__)
+    LOGGER.info("Group outputs written to %s", group)
+    for note in result.notes:
+        LOGGER.info("Group note: %s", note)
     return 0
+
+
+_SESSION_DICT: dict[str, dict] = {
+    "participant_id": {"Description": "BIDS participant label."},
+    "session_id": {"Description": "BIDS session label (n/a without sessions)."},
+    "site": {"Description": "Site, from participants.tsv."},
+    "scanner": {"Description": "Scanner, from participants.tsv."},
+    "n_lesions": {"Description": "Number of predicted lesions (all classes)."},
+    "total_volume_mm3": {"Description": "Total predicted lesion volume.", "Units": "mm^3"},
+    "unc_PSU": {"Description": "Patient-scale structural uncertainty (1 - mean IoU of member masks with the "
+                               "ensemble mask).", "Units": "1"},
+    "qc_flags": {"Description": "QC flags of the session (empty_prediction, implausible_brain_volume, "
+                                "poor_registration_<channel>), or none."},
+    "model_id": {"Description": "Model card id."},
+}

@@ -58,3 +58,37 @@ def brain_mask_template() -> tuple[Path, Path]:
     """Head T1w and brain mask of MNI152NLin2009cAsym at 2 mm (enough for an affine fit)."""
     return (template_file(resolution=2, suffix="T1w", desc=None),
             template_file(resolution=2, suffix="mask", desc="brain"))
+
+
+def feature_templates(atlas: str = "auto", atlas_lut: str | None = None) -> dict[str, Path]:
+    """Template files of the lesion-feature stage.
+
+    ``atlas``: ``auto`` takes TemplateFlow's ``desc-HOparc`` dseg when the local TemplateFlow
+    folder has one (with the ``.tsv`` beside it; it is not part of the official TemplateFlow
+    archive, see docs/features.md), ``none`` uses no atlas (no ventricle distance, no
+    infratentorial/periventricular classes), or a path to a dseg on the template grid with
+    ``atlas_lut`` (index, name, location_class; default: the ``.tsv`` beside it).
+    """
+    from .errors import MissingInput, UsageError
+
+    files = {"t1w": template_file(resolution=2, suffix="T1w", desc=None),
+             "mask": template_file(resolution=2, suffix="mask", desc="brain"),
+             "gm": template_file(resolution=1, suffix="probseg", label="GM"),
+             "wm": template_file(resolution=1, suffix="probseg", label="WM")}
+    if atlas == "auto":
+        try:
+            files["atlas"] = template_file(resolution=1, suffix="dseg", desc="HOparc")
+        except MissingInput:
+            return files
+    elif atlas and atlas != "none":
+        files["atlas"] = Path(atlas)
+        if not files["atlas"].is_file():
+            raise MissingInput("The --atlas file does not exist.", path=atlas, hint="check the path.")
+    else:
+        return files
+    lut = Path(atlas_lut) if atlas_lut else Path(str(files["atlas"]).replace(".nii.gz", ".tsv"))
+    if not lut.is_file():
+        raise UsageError("The atlas has no lookup table (index, name, location_class).", path=str(lut),
+                         hint="pass --atlas-lut TSV.")
+    files["atlas_lut"] = lut
+    return files

@@ -32,7 +32,8 @@ def participant_run(tiny_model, tmp_path_factory):
     bids = make_bids(root / "bids", subjects=("01", "02"), sessions=("a",))
     out, work = root / "out", root / "work"
     argv = [bids, out, "participant", "--model", tiny_model, "-w", work, "--skull-stripped", "yes", "--no-tta",
-            "--nprocs", "2", "--reference-masks", bids / "derivatives" / "truth", "--save-member-probabilities"]
+            "--nprocs", "2", "--reference-masks", bids / "derivatives" / "truth", "--save-member-probabilities",
+            "--no-lesion-features"]
     code = run_cli(argv)
     return {"code": code, "bids": bids, "out": out, "work": work, "argv": argv}
 
@@ -132,9 +133,15 @@ def test_group_level_after_participant_level(participant_run):
     assert run_cli([participant_run["bids"], participant_run["out"], "group"]) == 0
     import pandas as pd
 
-    table = pd.read_csv(participant_run["out"] / "group" / "group_lesions.tsv", sep="\t")
+    group = participant_run["out"] / "group"
+    table = pd.read_csv(group / "group_sessions.tsv", sep="\t")
     assert list(table["participant_id"]) == ["sub-01", "sub-02"]
     assert list(table["session_id"]) == ["ses-a", "ses-a"]
+    assert list(table.columns[:3]) == ["participant_id", "session_id", "site"]
+    assert "eval_all_F1" in table.columns and "unc_PSU" in table.columns
+    lesions = pd.read_csv(group / "group_lesions.tsv", sep="\t")
+    assert set(lesions["participant_id"]) <= {"sub-01", "sub-02"}
+    assert (group / "group_detection.tsv").is_file() and (group / "group_summary.tsv").is_file()
 
 
 def test_io_spec_covers_every_written_suffix(participant_run):

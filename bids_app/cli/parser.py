@@ -219,8 +219,22 @@ def build_parser() -> UsageArgumentParser:
                      "measures are in the lesion table anyway")
     unc.add_argument("--detection-method", dest="detection_method", choices=("iou_adj", "iou", "non_zero"),
                      default="iou_adj", help="lesion-wise detection rule of the evaluation")
+    unc.add_argument("--in-domain-sites", dest="in_domain_sites", nargs="+", metavar="SITE",
+                     help="group level: sites the model was trained on (the others are reported as "
+                     "out-of-domain)")
     unc.add_argument("--detection-threshold", dest="detection_threshold", type=_probability, default=0.1,
                      metavar="T", help="IoU threshold of a detected lesion (evaluation)")
+
+    feat = parser.add_argument_group("Lesion features")
+    feat.add_argument("--no-lesion-features", dest="lesion_features", action="store_false",
+                      help="skip the lesion features (shape, intensity, cortical involvement, MNI location)")
+    feat.add_argument("--atlas", default="auto", metavar="DSEG|auto|none",
+                      help="dseg atlas on the MNI152NLin2009cAsym grid for lesion location classes; auto: "
+                      "TemplateFlow's desc-HOparc when present locally")
+    feat.add_argument("--atlas-lut", dest="atlas_lut", metavar="TSV",
+                      help="atlas lookup table (columns index, name, location_class); default: the .tsv beside it")
+    feat.add_argument("--export-meshes", dest="export_meshes", action="store_true",
+                      help="write one STL surface mesh per lesion (scanner RAS+ mm)")
 
     perf = parser.add_argument_group("Performance and execution")
     perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, metavar="DIR",
@@ -239,6 +253,8 @@ def build_parser() -> UsageArgumentParser:
                       "'{\"sbatch_args\": \"-p short --time=01:00:00\"}'")
     perf.add_argument("--stop-on-first-crash", dest="stop_on_first_crash", action="store_true",
                       help="stop everything at the first failing participant")
+    perf.add_argument("--reports-only", dest="reports_only", action="store_true",
+                      help="only (re)build the HTML reports from existing outputs")
     perf.add_argument("--write-graph", dest="write_graph", action="store_true",
                       help="write the workflow graph (needs graphviz)")
     perf.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")

@@ -95,6 +95,19 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         template_t1w, template_mask = brain_mask_template()
     except MsxplainError as exc:
         LOGGER.warning("No brain-mask template: %s (only skull-stripped inputs can be processed).", exc.one_line())
+    feature_templates = None
+    if config.outputs.lesion_features:
+        from ..templates import feature_templates as find_feature_templates
+
+        try:
+            feature_templates = find_feature_templates(config.outputs.atlas, config.outputs.atlas_lut)
+        except MsxplainError as exc:
+            if config.outputs.atlas not in ("auto", "none"):
+                raise
+            LOGGER.warning("Lesion features skipped: %s", exc.one_line())
+        if feature_templates is not None and "atlas" not in feature_templates:
+            LOGGER.warning("No atlas: lesion location classes use the GM map only (no ventricles, no brain stem); "
+                           "pass --atlas DSEG --atlas-lut TSV for the full classes.")
     return PipelineSettings(
         bids_dir=config.execution.bids_dir,
         output_dir=config.execution.output_dir,
@@ -123,6 +136,8 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         detection_threshold=config.outputs.detection_threshold,
         ndsc_r=card.reference_lesion_load,
         references=dict(references or {}),
+        feature_templates=feature_templates,
+        export_meshes=config.outputs.export_meshes,
     )
 
 
@@ -179,6 +194,13 @@ def run_participant(config) -> int:
     from ..workflows.base import init_msxplain_wf
 
     ex = config.execution
+    if ex.reports_only:
+        from ..reports.participant import build_reports
+
+        labels = [f"sub-{p}" for p in ex.participant_label] if ex.participant_label else None
+        written = build_reports(ex.output_dir, labels)
+        LOGGER.info("%d report(s) rebuilt from %s", len(written), ex.output_dir)
+        return EXIT_SUCCESS
     _route_nipype_logging(config.verbosity)
     started = time.time()
     LOGGER.info("msxplain %s, participant level, run %s", __version__, ex.run_uuid)
@@ -270,8 +292,12 @@ def run_participant(config) -> int:
             LOGGER.debug("Nipype reported failures: %s", exc)
         for name, value in collect_crashes(crash_dir, sessions).items():
             failures.setdefault(name, value)
-        _copy_crash_logs(failures, ex.output_dir, ex.run_uuid)
+    _copy_crash_logs(failures, ex.output_dir, ex.run_uuid)
     write_dataset_files(ex.output_dir, ex.bids_dir, __version__)
+    from ..reports.participant import build_reports
+
+    build_reports(ex.output_dir, sorted({f"sub-{s.subject}" for s in sessions} |
+                                        {name.split("_")[0] for name in failures}))
 
     n_ok = len(sessions) - len([s for s in sessions if s.name in failures])
     LOGGER.info("Finished in %.0f s: %d session(s) written, %d failed.", time.time() - started, n_ok, len(failures))

@@ -80,6 +80,8 @@ class RecipeConfig:
     detection_threshold: float = 0.1
     min_member_dice: float = 0.2
     reuse_data: bool = False
+    #: evaluate/package an ensemble assembled elsewhere instead of the recipe's own results
+    ensemble_dir: Path | None = None
     timings: dict = field(default_factory=dict)
 
     @property
@@ -106,6 +108,8 @@ class RecipeConfig:
 
     @property
     def trainer_dir(self) -> Path:
+        if self.ensemble_dir is not None:
+            return self.ensemble_dir
         return self.workdir / "nnUNet_results" / self.dataset / f"{TRAINER}__{PLANS}__{CONFIGURATION}"
 
 

@@ -26,6 +26,7 @@ from ..discovery import SessionInputs
 from ..interfaces.conform import BrainMask, ConformInputs
 from ..interfaces.derivatives import DerivativesSink, SessionSummary
 from ..interfaces.evaluation import EvaluateSession, LesionTable
+from ..interfaces.features import LesionFeatures
 from ..interfaces.postprocess import PostProcess
 from ..interfaces.segment import PredictLesions
 from ..interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS, ComputeUncertainty
@@ -67,6 +68,9 @@ class PipelineSettings:
     ndsc_r: float = 0.001
     #: session name -> bids_app.discovery.ReferenceMasks (evaluation on when present)
     references: dict[str, Any] = field(default_factory=dict)
+    #: lesion features (None: not computed): template files for registration, GM/WM maps, atlas
+    feature_templates: dict[str, Path] | None = None
+    export_meshes: bool = False
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -171,7 +175,28 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     record_sources = [(conform, "derivatives"), (brain_mask, "derivatives"), (postprocess, "derivatives"),
                       (uncertainty, "derivatives")]
 
-    # 6. evaluation against manual masks (--reference-masks)
+    # 6. lesion features: shape, intensity, cortical involvement, MNI location (optional meshes)
+    if settings.feature_templates:
+        tpl = settings.feature_templates
+        features = pe.Node(LesionFeatures(
+            channel_names=[f.channel for f in session.files], template_t1w=str(tpl["t1w"]),
+            template_mask=str(tpl["mask"]), template_gm=str(tpl["gm"]), skull_stripped=settings.skull_strip,
+            export_meshes=settings.export_meshes, sources=sources), name="features", mem_gb=3.0)
+        if tpl.get("wm"):
+            features.inputs.template_wm = str(tpl["wm"])
+        if tpl.get("atlas"):
+            features.inputs.atlas_file = str(tpl["atlas"])
+            features.inputs.atlas_lut = str(tpl["atlas_lut"])
+        workflow.connect([
+            (postprocess, features, [("instances_file", "instances_file")]),
+            (conform, features, [("channels_file", "channels_file"), ("reference_file", "reference_file")]),
+            (brain_mask, features, [("mask_file", "mask_file")]),
+        ])  # fmt:skip
+        summary_parts.append((features, "summary_file"))
+        fragments.append((features, "lesions_file", "lesions_dictionary"))
+        record_sources.append((features, "derivatives"))
+
+    # 7. evaluation against manual masks (--reference-masks)
     reference = settings.references.get(session.name)
     if reference is not None:
         evaluation = pe.Node(EvaluateSession(
@@ -190,7 +215,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         fragments.append((evaluation, "lesions_file", "lesions_dictionary"))
         record_sources.append((evaluation, "derivatives"))
 
-    # 7. the lesion table: fragments joined on the lesion label
+    # 8. the lesion table: fragments joined on the lesion label
     fragment_files = pe.Node(niu.Merge(len(fragments)), name="fragment_files", run_without_submitting=True)
     fragment_dicts = pe.Node(niu.Merge(len(fragments)), name="fragment_dicts", run_without_submitting=True)
     for i, (node, table_out, dict_out) in enumerate(fragments, start=1):
@@ -203,7 +228,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     ])  # fmt:skip
     record_sources.append((lesion_table, "derivatives"))
 
-    # 8. session summary (read by the group level)
+    # 9. session summary (read by the group level)
     parts = pe.Node(niu.Merge(len(summary_parts)), name="summary_parts", run_without_submitting=True)
     for i, (node, out) in enumerate(summary_parts, start=1):
         workflow.connect(node, out, parts, f"in{i}")
@@ -216,7 +241,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     workflow.connect(parts, "out", summary, "parts")
     record_sources.append((summary, "derivatives"))
 
-    # 9. one sink for everything: all or nothing
+    # 10. one sink for everything: all or nothing
     records = pe.Node(niu.Merge(len(record_sources), ravel_inputs=True), name="records",
                       run_without_submitting=True)
     for i, (node, out) in enumerate(record_sources, start=1):

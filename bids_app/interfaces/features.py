@@ -1,0 +1,131 @@
+"""Nipype interface around :func:`bids_app.core.features.lesion_features` (+ location, meshes)."""
+
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+
+class _LesionFeaturesInputSpec(BaseInterfaceInputSpec):
+    instances_file = File(exists=True, mandatory=True, desc="lesion instance map")
+    channels_file = File(exists=True, mandatory=True, desc="4D NIfTI (X, Y, Z, K) of the conformed channels")
+    channel_names = traits.List(traits.Str, mandatory=True, desc="channel names (intensity column prefixes)")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask")
+    reference_file = File(exists=True, mandatory=True, desc="reference image (registration to the template)")
+    template_t1w = File(exists=True, mandatory=True, desc="template T1w (MNI152NLin2009cAsym)")
+    template_mask = File(exists=True, mandatory=True, desc="template brain mask")
+    template_gm = File(exists=True, mandatory=True, desc="template GM probability")
+    template_wm = File(exists=True, desc="template WM probability (NAWM reference)")
+    atlas_file = File(exists=True, desc="dseg atlas on the template grid (location classes)")
+    atlas_lut = File(exists=True, desc="atlas lookup table: index, name, location_class")
+    skull_stripped = traits.Bool(True, usedefault=True, desc="register brain to brain (else head to head)")
+    export_meshes = traits.Bool(False, usedefault=True, desc="write one STL surface mesh per lesion")
+    sources = traits.List(traits.Str, mandatory=True, desc="raw inputs (provenance)")
+
+
+class _LesionFeaturesOutputSpec(TraitedSpec):
+    lesions_file = File(exists=True, desc="lesion-table fragment: features")
+    lesions_dictionary = File(exists=True, desc="its data dictionary")
+    summary_file = File(exists=True, desc="JSON part: registration and location summary")
+    derivatives = traits.List(traits.Dict, desc="derivative records (transform, meshes)")
+
+
+class LesionFeatures(SimpleInterface):
+    """Shape, intensity, cortical involvement, distances and MNI location of every lesion
+    (:func:`bids_app.core.location.register_to_template`, :func:`bids_app.core.features.lesion_features`,
+    :func:`bids_app.core.meshes.lesion_meshes`)."""
+
+    input_spec = _LesionFeaturesInputSpec
+    output_spec = _LesionFeaturesOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+        import numpy as np
+        import pandas as pd
+
+        from ..core.features import FeatureOptions, feature_dictionary, lesion_features
+        from ..core.imageio import load_image
+        from ..core.location import register_to_template, warp_labels_to_subject, warp_probability_to_subject
+        from ..derivatives import dumps_json
+        from ..lesion_table import write_fragment
+
+        inst_img = nib.load(self.inputs.instances_file)
+        instances = np.asarray(inst_img.dataobj).astype(np.int32)
+        affine = inst_img.affine
+        n = int(instances.max())
+        stack = np.asarray(nib.load(self.inputs.channels_file).dataobj, dtype=np.float32)
+        channels = {name: stack[..., k] for k, name in enumerate(self.inputs.channel_names)}
+        mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
+        reference = load_image(self.inputs.reference_file)
+        template = load_image(self.inputs.template_t1w)
+        template_mask = load_image(self.inputs.template_mask, check_values=False)
+        if self.inputs.skull_stripped:
+            transform = register_to_template(reference, template, reference_mask=mask,
+                                             template_mask=np.asarray(template_mask.data) > 0)
+        else:
+            transform = register_to_template(reference, template)
+        gm = load_image(self.inputs.template_gm, check_values=False)
+        gm_prob = warp_probability_to_subject(gm.data, gm.affine, instances.shape, affine, transform)
+        wm_prob = None
+        if self.inputs.template_wm:
+            wm = load_image(self.inputs.template_wm, check_values=False)
+            wm_prob = warp_probability_to_subject(wm.data, wm.affine, instances.shape, affine, transform)
+        atlas_labels = lut = None
+        if self.inputs.atlas_file:
+            atlas = load_image(self.inputs.atlas_file, dtype=None, check_values=False)
+            atlas_labels = warp_labels_to_subject(np.asarray(atlas.data).astype(np.int32), atlas.affine,
+                                                  instances.shape, affine, transform)
+            lut = pd.read_csv(self.inputs.atlas_lut, sep="\t", dtype=str)
+        options = FeatureOptions()
+        table = lesion_features(instances, n, affine, channels, mask, gm_prob, atlas_labels, lut, options,
+                                wm_prob=wm_prob, template_transform=transform)
+        dictionary = feature_dictionary(table.columns, list(channels), options.rules)
+        tsv, js = write_fragment(table, dictionary, os.path.abspath("lesions_features"))
+
+        records = []
+        xfm = os.path.abspath("to_template_xfm.txt")
+        import SimpleITK as sitk
+
+        sitk.WriteTransform(transform.to_sitk(), xfm)
+        records.append({"key": "template_xfm", "file": xfm, "sources": list(self.inputs.sources),
+                        "entities": {"from": "T1w" if "T1w" in self.inputs.channel_names else
+                                     self.inputs.channel_names[0], "to": transform.template},
+                        "metadata": {"Method": "affine (similarity then affine), Mattes MI, SimpleITK",
+                                     "Direction": "maps points of the subject's reference image to the template "
+                                                  "(ITK convention, LPS)",
+                                     "MattesMI": transform.metric}})
+        if self.inputs.export_meshes and n:
+            from ..core.meshes import lesion_meshes, stl_bytes
+
+            for label, mesh in enumerate(lesion_meshes(instances, n, affine), start=1):
+                if mesh is None:
+                    continue
+                path = os.path.abspath(f"lesion{label:04d}.stl")
+                with open(path, "wb") as handle:
+                    handle.write(stl_bytes(mesh, name=f"lesion {label}", space="RAS"))
+                records.append({"key": "mesh", "file": path, "sources": list(self.inputs.sources),
+                                "entities": {"desc": f"lesion{label:04d}"},
+                                "derived_from": [{"key": "instance_dseg"}],
+                                "metadata": {"Label": label, "CoordinateSystem": "scanner RAS+", "Units": "mm",
+                                             "Method": "marching cubes on the lesion mask (skimage)"}})
+        summary = {"features": {
+            "template_registration_mattes_mi": transform.metric,
+            "atlas": os.path.basename(self.inputs.atlas_file) if self.inputs.atlas_file else None,
+            "location_counts": (table["location_class"].fillna("unknown").value_counts().to_dict()
+                                if "location_class" in table.columns and len(table) else {}),
+            "cortical_type_counts": (table["cortical_type"].fillna("unknown").value_counts().to_dict()
+                                     if "cortical_type" in table.columns and len(table) else {}),
+        }}
+        summary_file = os.path.abspath("features_summary.json")
+        with open(summary_file, "w") as handle:
+            handle.write(dumps_json(summary))
+        self._results.update(lesions_file=str(tsv), lesions_dictionary=str(js), summary_file=summary_file,
+                             derivatives=records)
+        return runtime
