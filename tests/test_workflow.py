@@ -172,3 +172,29 @@ def test_graph_marks_prediction_as_gpu_node(tiny_model, tmp_path):
                            base_dir=tmp_path / "work2")
     assert not cpu.get_node("sub_01_wf.predict").is_gpu_node()
     assert wf.get_node("sub_01_wf.evaluation") is None  # no reference masks given
+
+
+def test_reports_render_offline_in_headless_chromium(participant_run, tmp_path):
+    from chromium import is_blank, render
+
+    # control: the check does see a page's own request (else it could never fail)
+    control = tmp_path / "control.html"
+    control.write_text('<html><body><p>control</p><img src="http://example.invalid/x.png"></body></html>')
+    assert render(control)[1] == ["http://example.invalid/x.png"]
+    for page in (participant_run["out"] / "sub-01.html", participant_run["out"] / "group" / "group_report.html"):
+        assert page.is_file(), page
+        shot, requests = render(page)
+        assert requests == [], f"{page.name} requested {requests}"
+        assert not is_blank(shot)
+        text = page.read_text()
+        assert "http://" not in text and "https://" not in text and "<script" not in text
+
+
+def test_reports_only_rebuilds_the_reports(participant_run):
+    out = participant_run["out"]
+    page = out / "sub-02.html"
+    before = page.read_text()
+    page.unlink()
+    assert run_cli([participant_run["bids"], out, "participant", "--reports-only", "--participant-label", "02",
+                    "--skip-bids-validation"]) == 0
+    assert page.read_text() == before
