@@ -286,10 +286,15 @@ def run_participant(config) -> int:
             plugin_args["status_callback"] = _progress_callback(len(sessions))
         LOGGER.info("Running %d session(s) with Nipype %s (%s)", len(sessions), plugin,
                     {k: v for k, v in plugin_args.items() if k != "status_callback"})
+        if plugin.startswith("SLURM"):
+            os.environ.setdefault("LOGNAME", _user())  # Nipype's SLURM plugin names jobs after it
         try:
             workflow.run(plugin=plugin, plugin_args=plugin_args)
         except RuntimeError as exc:
             LOGGER.debug("Nipype reported failures: %s", exc)
+        if plugin == "SLURMGraph":
+            # SLURMGraph returns right after submitting the whole graph: wait for its jobs
+            _wait_for_slurm_jobs({node.split(".")[-1] for node in workflow.list_node_names()})
         for name, value in collect_crashes(crash_dir, sessions).items():
             failures.setdefault(name, value)
     _copy_crash_logs(failures, ex.output_dir, ex.run_uuid)
@@ -310,6 +315,31 @@ def run_participant(config) -> int:
             line += f" [details: {crash}]"
         print(line, file=sys.stderr)
     return failures[sorted(failures)[0]][0]
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return str(os.getuid())
+
+
+def _wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float = 7 * 24 * 3600) -> None:
+    """Block until no job of this user named like a node of the graph (``j<N>_<node>``) is queued."""
+    import re
+    import subprocess
+
+    pattern = re.compile(r"^j\d+_(%s)$" % "|".join(re.escape(n) for n in sorted(node_names)))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["squeue", "-h", "-u", _user(), "-o", "%j"], capture_output=True, text=True)
+        names = [n for n in out.stdout.split() if pattern.match(n)]
+        if out.returncode == 0 and not names:
+            return
+        LOGGER.info("Waiting for %d SLURM job(s) of the graph", len(names))
+        time.sleep(poll)
 
 
 def _progress_callback(n_sessions: int):

@@ -71,6 +71,7 @@ class PipelineSettings:
     #: lesion features (None: not computed): template files for registration, GM/WM maps, atlas
     feature_templates: dict[str, Path] | None = None
     export_meshes: bool = False
+    gpu_sbatch_args: str = "--gres=gpu:1"
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -142,6 +143,8 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
                                      skull_strip=settings.skull_strip),
                       name="predict", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
+    if use_gpu:  # cluster plugins: the prediction job asks SLURM for a GPU
+        predict.plugin_args = {"sbatch_args": settings.gpu_sbatch_args, "overwrite": False}
     # 4. threshold, minimum size, connectivity -> masks and lesion instances
     postprocess = pe.Node(PostProcess(label_indices=list(settings.label_indices),
                                       label_names=list(settings.label_names), folds=list(settings.folds),
