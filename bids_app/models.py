@@ -391,6 +391,35 @@ def select_members(model: ResolvedModel, folds: list[str] | None) -> list[str]:
     return [str(f) for f in folds]
 
 
+def check_consistency(model: ResolvedModel) -> None:
+    """The card must describe the network: same number of input channels as ``dataset.json``,
+    lesion labels that exist among its outputs, and a configuration that ``plans.json`` has.
+
+    Raises
+    ------
+    BadInputData
+        With the mismatch and the file to fix.
+    """
+    card = model.card
+    dataset = json.loads((model.trainer_dir / "dataset.json").read_text())
+    channels = dataset.get("channel_names") or dataset.get("modality") or {}
+    if len(channels) != card.n_channels:
+        raise BadInputData(
+            f"The model card lists {card.n_channels} input channel(s) but the network takes {len(channels)} "
+            f"({', '.join(str(v) for v in channels.values())}).",
+            path=str(model.card_path or model.trainer_dir / "dataset.json"),
+            hint="make the card's 'channels' match dataset.json's channel_names, in order.")
+    outputs = {int(v) for v in dataset.get("labels", {}).values() if isinstance(v, int)}
+    missing = [lab.index for lab in card.labels if lab.index not in outputs]
+    if missing:
+        raise BadInputData(f"The model card names output label(s) {missing} that the network does not have.",
+                           path=str(model.card_path or model.trainer_dir), hint="fix the card's 'labels'.")
+    plans = json.loads((model.trainer_dir / "plans.json").read_text())
+    if card.configuration not in plans.get("configurations", {}):
+        raise BadInputData(f"Configuration '{card.configuration}' is not in plans.json.",
+                           path=str(model.trainer_dir / "plans.json"), hint="fix nnunet.configuration in the card.")
+
+
 def verify_members(model: ResolvedModel, folds: list[str]) -> dict[str, str]:
     """Check that every member's checkpoint exists and matches the card's SHA-256.
 

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run msxplain; returns the BIDS-Apps exit code."""
     from .parser import parse_args
 
+    global _CURRENT_ARGV
+    _CURRENT_ARGV = list(argv) if argv is not None else sys.argv[1:]
     try:
         ns = parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or usage errors (64/17)
@@ -189,7 +191,7 @@ def run_participant(config) -> int:
 
     from ..derivatives import remove_stale_staging, write_dataset_files
     from ..discovery import discover, open_layout
-    from ..models import resolve_model, verify_members, select_members
+    from ..models import check_consistency, resolve_model, select_members, verify_members
     from .. import __version__
     from ..workflows.base import init_msxplain_wf
 
@@ -212,6 +214,7 @@ def run_participant(config) -> int:
 
     model = resolve_model(config.model.spec, card_path=config.model.card_path,
                           cache_dir=ex.work_dir / "models")
+    check_consistency(model)
     folds = select_members(model, list(config.model.folds) if config.model.folds else None)
     digests = verify_members(model, folds)
     if model.card.demo:
@@ -252,9 +255,12 @@ def run_participant(config) -> int:
     log_dir = ex.output_dir / "logs"
     from ..derivatives import atomic_write_text, dumps_json
 
+    from ..provenance import software_versions
+
     atomic_write_text(log_dir / f"config-{ex.run_uuid}.json", dumps_json({
         "config": config.to_dict(), "parameters": settings.parameters(), "model": settings.model_provenance,
-        "sessions": [s.name for s in sessions], "argv": sys.argv}))
+        "sessions": [s.name for s in sessions], "argv": _argv(), "cwd": os.getcwd(),
+        "software": software_versions()}))
 
     failures: dict[str, tuple[int, str, Path | None]] = {
         f.name: (f.error.exit_code, f.error.one_line(), None) for f in failed}
@@ -315,6 +321,14 @@ def run_participant(config) -> int:
             line += f" [details: {crash}]"
         print(line, file=sys.stderr)
     return failures[sorted(failures)[0]][0]
+
+
+def _argv() -> list[str]:
+    """The command line of this run (the msxplain arguments, without the program name)."""
+    return list(_CURRENT_ARGV) if _CURRENT_ARGV is not None else sys.argv[1:]
+
+
+_CURRENT_ARGV: list[str] | None = None
 
 
 def _user() -> str:

@@ -21,7 +21,9 @@ TOOL_MODULES: dict[str, tuple[str, str]] = {
     "uncertainty": (".tool_uncertainty", "uncertainty maps, lesion table and patient summary from member probabilities"),
     "evaluate": (".tool_evaluate", "lesion-wise detection, voxel and calibration metrics of a mask against a reference"),
     "prepare-training": (".tool_prepare_training", "BIDS images + reference masks -> an nnU-Net raw training dataset"),
+    "rerun": (".tool_rerun", "repeat a recorded msxplain run (logs/config-<run>.json) exactly"),
     "train-demo": (".tool_train_demo", "train the demo nnU-Net ensemble on synthetic data (the bundled model's recipe)"),
+    "train-refiner": (".tool_train_refiner", "train the saliency-radiomics TP/FP lesion classifier on outputs with reference masks"),
 }
 
 
