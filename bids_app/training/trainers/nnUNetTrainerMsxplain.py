@@ -15,6 +15,8 @@ Environment knobs (recorded in the model card):
   learning rate still decays to zero at the end (stopping a 1000-epoch schedule early would
   leave it high)
 * ``MSXPLAIN_SEED``: base seed; member (fold) k uses ``seed + k`` for torch, numpy, random
+* ``MSXPLAIN_OPTIMIZER`` (``sgd``, nnU-Net's SGD with Nesterov momentum 0.99, or ``adam``:
+  AdamW) and ``MSXPLAIN_LR`` (default 1e-2 for SGD, 1e-3 for AdamW); both with nnU-Net's poly decay
 * ``MSXPLAIN_OVERSAMPLE_FG`` (default 1.0): fraction of patches forced to contain foreground
   (nnU-Net rounds it per batch: with batch 2, 0.33 and 0.66 both give one of two)
 """
@@ -27,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
@@ -48,6 +51,16 @@ class nnUNetTrainerMsxplain(nnUNetTrainer):
         np.random.seed(seed)
         torch.manual_seed(seed)
         self.member_seed = seed
+
+    def configure_optimizers(self):
+        kind = os.environ.get("MSXPLAIN_OPTIMIZER", "sgd").lower()
+        if kind == "adam":
+            lr = float(os.environ.get("MSXPLAIN_LR", 1e-3))
+            optimizer = torch.optim.AdamW(self.network.parameters(), lr=lr, weight_decay=self.weight_decay)
+            return optimizer, PolyLRScheduler(optimizer, lr, self.num_epochs)
+        if "MSXPLAIN_LR" in os.environ:
+            self.initial_lr = float(os.environ["MSXPLAIN_LR"])
+        return super().configure_optimizers()
 
     def run_training(self):
         self.on_train_start()
@@ -77,6 +90,10 @@ class nnUNetTrainerMsxplain(nnUNetTrainer):
                 self.lr_scheduler.max_steps = max(self.num_epochs, 1)
                 self.print_to_log_file(f"msxplain: {per_epoch:.1f} s per epoch, budget "
                                        f"{self.time_budget:.0f} s -> {self.num_epochs} epochs")
+            if self.time_budget and epoch < self.num_epochs and time.monotonic() - started > 1.25 * self.time_budget:
+                # the machine slowed down after the estimate (shared CPUs): stop rather than overrun
+                self.print_to_log_file(f"msxplain: wall-clock budget exceeded after {epoch} epochs; stopping")
+                self.num_epochs = epoch
         self.on_train_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
