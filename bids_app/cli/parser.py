@@ -49,34 +49,27 @@ def _existing_dir(value: str) -> Path:
     return path.resolve()
 
 
-def _probability(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 < number < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return number
+def number(cast=float, *, gt=None, ge=None, lt=None, le=None):
+    """An argparse ``type`` that parses a number and checks its bounds (shared by every CLI)."""
+
+    def convert(value: str):
+        try:
+            result = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if cast is int else ' number'}: {value!r}") from None
+        for bound, ok, text in ((gt, lambda b: result > b, ">"), (ge, lambda b: result >= b, ">="),
+                                (lt, lambda b: result < b, "<"), (le, lambda b: result <= b, "<=")):
+            if bound is not None and not ok(bound):
+                raise argparse.ArgumentTypeError(f"must be {text} {bound}, got {value}")
+        return result
+
+    return convert
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return number
-
-
-def _nonnegative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
+#: a probability threshold in the open interval (0, 1)
+probability = number(float, gt=0.0, lt=1.0)
+#: an integer >= 1
+positive_int = number(int, ge=1)
 
 
 def parse_memory_gb(value: str) -> float:
@@ -197,9 +190,9 @@ def build_parser() -> UsageArgumentParser:
                        help="ensemble members (fold names) to use; default: all in the model card")
     model.add_argument("--no-tta", dest="tta", action="store_false",
                        help="disable test-time mirroring (8x faster, slightly less accurate)")
-    model.add_argument("--threshold", type=_probability, metavar="P",
+    model.add_argument("--threshold", type=probability, metavar="P",
                        help="lesion probability threshold; default: the model card's")
-    model.add_argument("--min-lesion-size", dest="min_lesion_size", type=_positive_int, metavar="VOXELS",
+    model.add_argument("--min-lesion-size", dest="min_lesion_size", type=positive_int, metavar="VOXELS",
                        help="smallest lesion kept, in voxels; default: the model card's")
     model.add_argument("--connectivity", type=int, choices=(6, 18, 26),
                        help="voxel connectivity that defines a lesion; default: the model card's")
@@ -222,7 +215,7 @@ def build_parser() -> UsageArgumentParser:
     unc.add_argument("--in-domain-sites", dest="in_domain_sites", nargs="+", metavar="SITE",
                      help="group level: sites the model was trained on (the others are reported as "
                      "out-of-domain)")
-    unc.add_argument("--detection-threshold", dest="detection_threshold", type=_probability, default=0.1,
+    unc.add_argument("--detection-threshold", dest="detection_threshold", type=probability, default=0.1,
                      metavar="T", help="IoU threshold of a detected lesion (evaluation)")
 
     feat = parser.add_argument_group("Lesion features")
@@ -240,9 +233,9 @@ def build_parser() -> UsageArgumentParser:
     perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, metavar="DIR",
                       help="Nipype working directory (re-use it to resume); default: OUTPUT_DIR/../work "
                       "is not used: ./work")
-    perf.add_argument("--nprocs", "--nthreads", "--n-cpus", dest="nprocs", type=_positive_int, metavar="N",
+    perf.add_argument("--nprocs", "--nthreads", "--n-cpus", dest="nprocs", type=positive_int, metavar="N",
                       help="maximum number of parallel processes; default: CPUs available")
-    perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
+    perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=positive_int, metavar="N",
                       help="threads per process (torch); default: min(nprocs, 8)")
     perf.add_argument("--mem", "--mem-gb", dest="mem_gb", type=parse_memory_gb, metavar="SIZE",
                       help="memory cap for the scheduler (GB, or e.g. 16G / 16000MB)")

@@ -28,29 +28,9 @@ NAME = "evaluate"
 HELP = "lesion-wise detection, voxel and calibration metrics of a mask against a reference"
 
 
-def _threshold(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 < number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return number
-
-
-def _open_unit(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0.0 < number < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return number
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..core import evaluation as E
-    from .parser import _positive_int
+    from .parser import number, positive_int
 
     parser.add_argument("--pred", required=True, type=Path, metavar="MASK",
                         help="predicted lesion mask (non-zero = lesion)")
@@ -63,13 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxels considered by the voxel metrics, calibration and retention curves")
     parser.add_argument("--method", choices=E.DETECTION_METHODS, default=E.DEFAULT_METHOD,
                         help="lesion matching rule (default %(default)s)")
-    parser.add_argument("--detection-threshold", type=_threshold, default=E.DEFAULT_DETECTION_THRESHOLD, metavar="T",
+    parser.add_argument("--detection-threshold", type=number(float, gt=0.0, le=1.0), default=E.DEFAULT_DETECTION_THRESHOLD, metavar="T",
                         help="IoU threshold of a true-positive lesion, in (0, 1] (default %(default)s)")
     parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=E.DEFAULT_CONNECTIVITY,
                         help="lesion connectivity (default %(default)s, as Bench-Explain)")
-    parser.add_argument("--ndsc-r", type=_open_unit, default=E.DEFAULT_NDSC_R, metavar="R",
+    parser.add_argument("--ndsc-r", type=number(float, gt=0.0, lt=1.0), default=E.DEFAULT_NDSC_R, metavar="R",
                         help="reference lesion load of nDSC (default %(default)s; 2e-5 for cortical lesions)")
-    parser.add_argument("--n-bins", type=_positive_int, default=E.CALIBRATION_BINS, metavar="N",
+    parser.add_argument("--n-bins", type=positive_int, default=E.CALIBRATION_BINS, metavar="N",
                         help="calibration bins (default %(default)s)")
     parser.add_argument("--out", required=True, type=Path, metavar="FILE.json", help="output JSON file")
 

@@ -16,15 +16,9 @@ NAME = "synth"
 HELP = "write a synthetic multi-site MS BIDS dataset with true lesion masks"
 
 
-def _thickness(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    return number
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .parser import number
+
     parser.add_argument("out_dir", metavar="OUT_DIR", help="new or empty folder for the BIDS dataset")
     parser.add_argument("--n-subjects", type=int, required=True, metavar="N", help="number of subjects")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
@@ -43,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t1-contrast", choices=("mixed", "mprage", "mp2rage"), default="mixed",
                         help="T1-weighted sequence per site: MPRAGE-like acq-MPRAGE_T1w, MP2RAGE UNIT1, or a "
                              "random mix (default mixed, 40%% MP2RAGE)")
-    parser.add_argument("--flair-slice-thickness", nargs=2, type=_thickness, default=(1.0, 3.0),
+    parser.add_argument("--flair-slice-thickness", nargs=2, type=number(float), default=(1.0, 3.0),
                         metavar=("MIN", "MAX"),
                         help="range of the per-site FLAIR slice thickness in mm (default 1 3; at least the "
                              "resolution)")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputData, CannotCreateOutput, MissingInput, OutputIOError, UsageError
-from .parser import _positive_int, _probability
+from .parser import positive_int, probability
 
 NAME = "uncertainty"
 HELP = "uncertainty maps, lesion table and patient summary from member probabilities"
@@ -44,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one NIfTI per ensemble member: a 3D lesion probability map, or 4D class probabilities "
                              "(last axis = classes, background at 0); at least 2 members")
     parser.add_argument("--out-dir", required=True, type=Path, help="output folder (created if needed)")
-    parser.add_argument("--threshold", type=_probability, default=DEFAULT_THRESHOLD,
+    parser.add_argument("--threshold", type=probability, default=DEFAULT_THRESHOLD,
                         help="ensemble threshold, a voxel is lesion when p >= threshold (default %(default)s)")
-    parser.add_argument("--member-thresholds", type=_probability, nargs="+", default=None, metavar="T",
+    parser.add_argument("--member-thresholds", type=probability, nargs="+", default=None, metavar="T",
                         help="each member's own tuned threshold, in --member-probs order; adds LSU+ and PSU+")
-    parser.add_argument("--min-lesion-size", type=_positive_int, default=DEFAULT_MIN_SIZE, metavar="N",
+    parser.add_argument("--min-lesion-size", type=positive_int, default=DEFAULT_MIN_SIZE, metavar="N",
                         help="smallest lesion kept, in voxels (reference l_min + 1; default %(default)s)")
     parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=DEFAULT_CONNECTIVITY,
                         help="lesion connectivity (default %(default)s, as MS_WML_uncs)")
