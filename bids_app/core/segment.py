@@ -193,6 +193,25 @@ class EnsemblePredictor:
         self.tile_step_size = float(tile_step_size)
 
     @property
+    def network(self):
+        """The architecture (deep supervision off) with the weights last loaded; for the
+        explanation engine, which copies it once per member (:meth:`member_networks`)."""
+        return self._predictor.network
+
+    def member_networks(self) -> tuple[list, list[str]]:
+        """One eval-mode network per member (deep copies with that member's weights)."""
+        import copy
+
+        nets, names = [], []
+        for member in self.members:
+            net = copy.deepcopy(self._predictor.network)
+            net.load_state_dict(member.state_dict)
+            net.eval()
+            nets.append(net)
+            names.append(str(member.fold))
+        return nets, names
+
+    @property
     def mirroring_axes(self) -> tuple[int, ...] | None:
         return self._predictor.allowed_mirroring_axes if self.tta else None
 
