@@ -69,6 +69,15 @@ class OutputConfig:
     atlas_lut: str | None = None
     export_meshes: bool = False
     in_domain_sites: tuple[str, ...] | None = None
+    explain: bool = False
+    #: None: the refiner's training setting, else the ExplainConfig default
+    explain_samples: int | None = None
+    explain_noise: float | None = None
+    explain_margin: float | None = None
+    explain_max_lesions: int = 0
+    refiner: str | None = None
+    refine: bool = False
+    refine_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +183,19 @@ class Config:
             atlas_lut=str(ns.atlas_lut) if getattr(ns, "atlas_lut", None) else None,
             export_meshes=bool(getattr(ns, "export_meshes", False)),
             in_domain_sites=tuple(ns.in_domain_sites) if getattr(ns, "in_domain_sites", None) else None,
+            # --refine needs the saliency maps, so it switches the explanations on
+            explain=bool(getattr(ns, "explain", False) or getattr(ns, "refine", None) is not None),
+            explain_samples=getattr(ns, "explain_samples", None),
+            explain_noise=getattr(ns, "explain_noise", None),
+            explain_margin=getattr(ns, "explain_margin", None),
+            explain_max_lesions=int(getattr(ns, "explain_max_lesions", 0)),
+            refiner=str(ns.refiner) if getattr(ns, "refiner", None) else None,
+            refine=getattr(ns, "refine", None) is not None,
+            refine_threshold=(float(ns.refine) if getattr(ns, "refine", None) not in (None, "model") else None),
         )
+        if outputs.refine and outputs.refiner == "none":
+            raise UsageError("--refine needs a refiner, but --refiner none was given.",
+                             hint="drop --refiner none, or pass --refiner FILE (msxplain-tools train-refiner).")
         return cls(execution=execution, model=model, postprocess=post, resources=resources, outputs=outputs,
                    verbosity=int(getattr(ns, "verbose", 0) or 0))
 

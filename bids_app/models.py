@@ -457,6 +457,33 @@ def verify_members(model: ResolvedModel, folds: list[str]) -> dict[str, str]:
     return digests
 
 
+def model_refiner(model: ResolvedModel) -> Path | None:
+    """The saliency refiner bundled with a model (card key ``refiner``: ``{"file", "sha256"}``,
+    the file beside the card), checksum-verified; None when the card names none.
+
+    Raises
+    ------
+    MissingInput
+        The card names a refiner file that is not there.
+    BadInputData
+        Its SHA-256 differs from the card's.
+    """
+    entry = model.card.raw.get("refiner")
+    if not entry:
+        return None
+    folder = model.card_path.parent if model.card_path is not None else model.trainer_dir
+    path = folder / str(entry.get("file", ""))
+    if not path.is_file():
+        raise MissingInput("The model card names a refiner that is not there.", path=str(path),
+                           hint="restore the model folder, or pass --refiner FILE / --refiner none.")
+    digest = sha256_file(path)
+    if entry.get("sha256") and digest != entry["sha256"]:
+        raise BadInputData(f"Checksum mismatch for the refiner: SHA-256 {digest[:12]}... but the model card says "
+                           f"{str(entry['sha256'])[:12]}...", path=str(path),
+                           hint="the file is corrupt or was replaced; re-download the model.")
+    return path
+
+
 # --------------------------------------------------------------------------------------
 # Archives
 # --------------------------------------------------------------------------------------

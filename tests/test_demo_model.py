@@ -33,7 +33,6 @@ def test_card_checksums_and_contents():
 def test_demo_model_segments_a_synthetic_subject():
     import torch
 
-    from bids_app.core.conform import to_canonical
     from bids_app.core.evaluation import lesion_detection
     from bids_app.core.imageio import Image
     from bids_app.core.postprocess import segment_lesions

@@ -16,7 +16,6 @@ from bids_app.errors import BadInputData, MissingInput
 from bids_app.models import (
     CARD_NAME,
     MODELS_PATH_ENV,
-    ModelCard,
     extract_model_archive,
     load_checkpoint,
     load_members,

@@ -90,3 +90,42 @@ def test_memory_units(text, gb):
 def test_plugin_args_json():
     ns = parse("--plugin", "SLURM", "--plugin-args", '{"sbatch_args": "-p debug"}')
     assert ns.plugin == "SLURM" and ns.plugin_args == {"sbatch_args": "-p debug"}
+
+
+def test_explanation_options(tmp_path):
+    from bids_app.config import Config
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    argv = [str(bids), str(tmp_path / "out"), "participant"]
+    off = Config.from_args(build_parser().parse_args(argv)).outputs
+    assert not off.explain and not off.refine and off.explain_samples is None
+    refine = Config.from_args(build_parser().parse_args([*argv, "--refine"])).outputs
+    assert refine.explain and refine.refine and refine.refine_threshold is None  # the refiner's own
+    custom = Config.from_args(build_parser().parse_args(
+        [*argv, "--refine", "0.3", "--explain-samples", "8", "--explain-margin", "10"])).outputs
+    assert custom.refine_threshold == 0.3 and custom.explain_samples == 8 and custom.explain_margin == 10.0
+    with pytest.raises(Exception) as info:
+        Config.from_args(build_parser().parse_args([*argv, "--refine", "--refiner", "none"]))
+    assert getattr(info.value, "exit_code", None) == 64
+
+
+@pytest.mark.parametrize("bad", [["--refine", "1.5"], ["--explain-samples", "0"], ["--explain-margin", "-1"],
+                                 ["--explain-max-lesions", "-2"]])
+def test_explanation_options_out_of_range_are_usage_errors(bad):
+    assert run_cli(["/d", "/o", "participant", *bad]) == 64
+
+
+def test_explain_parameters_follow_the_refiner_unless_given():
+    from types import SimpleNamespace
+
+    from bids_app.cli.run import explain_parameters
+
+    trained = {"explain_config": {"n_samples": 8, "noise_level": 0.1, "margin_mm": 10.0, "max_groups": 4}}
+    user = SimpleNamespace(explain_samples=None, explain_noise=None, explain_margin=None, explain_max_lesions=0)
+    assert explain_parameters(user, trained) == {"n_samples": 8, "noise_level": 0.1, "margin_mm": 10.0,
+                                                 "max_groups": 4, "max_lesions": 0}
+    assert explain_parameters(user, None) == {"n_samples": 50, "noise_level": 0.05, "margin_mm": -1.0,
+                                              "max_groups": 8, "max_lesions": 0}
+    user.explain_samples = 20
+    assert explain_parameters(user, trained)["n_samples"] == 20

@@ -68,6 +68,11 @@ def number(cast=float, *, gt=None, ge=None, lt=None, le=None):
 
 #: a probability threshold in the open interval (0, 1)
 probability = number(float, gt=0.0, lt=1.0)
+
+
+def refine_threshold(value: str):
+    """``--refine`` value: a probability, or ``model`` (the refiner's own threshold)."""
+    return value if value == "model" else probability(value)
 #: an integer >= 1
 positive_int = number(int, ge=1)
 
@@ -228,6 +233,30 @@ def build_parser() -> UsageArgumentParser:
                       help="atlas lookup table (columns index, name, location_class); default: the .tsv beside it")
     feat.add_argument("--export-meshes", dest="export_meshes", action="store_true",
                       help="write one STL surface mesh per lesion (scanner RAS+ mm)")
+
+    expl = parser.add_argument_group("Explanations (instance-level saliency) and refinement")
+    expl.add_argument("--explain", action="store_true",
+                      help="explain every predicted lesion: SmoothGrad (mean and max aggregation, per channel), "
+                      "Grad-CAM and Grad-CAM++; writes a per-lesion store, viewer maps and lesion-table columns "
+                      "(minutes per lesion on a CPU with a full-size model; a GPU is the intended device)")
+    expl.add_argument("--explain-samples", dest="explain_samples", type=positive_int, metavar="N",
+                      help="SmoothGrad noise samples (default: the refiner's training setting when a refiner "
+                      "is used, else 50)")
+    expl.add_argument("--explain-noise", dest="explain_noise", type=number(float, ge=0.0, le=1.0), metavar="F",
+                      help="SmoothGrad sigma as a fraction of the input's intensity range (default: the "
+                      "refiner's training setting, else 0.05)")
+    expl.add_argument("--explain-margin", dest="explain_margin", type=number(float, gt=0.0), metavar="MM",
+                      help="context kept around each lesion in its crop, in mm (default: the refiner's training "
+                      "setting, else measured from the network's effective receptive field)")
+    expl.add_argument("--explain-max-lesions", dest="explain_max_lesions", type=number(int, ge=0), default=0,
+                      metavar="N", help="explain only the N largest lesions of a session (0: all; default)")
+    expl.add_argument("--refiner", metavar="FILE|none",
+                      help="saliency-radiomics TP/FP classifier (JSON from msxplain-tools train-refiner) giving "
+                      "p_true_lesion in the lesion table; default: the one bundled with the model, if any")
+    expl.add_argument("--refine", nargs="?", const="model", metavar="THRESHOLD",
+                      type=refine_threshold,
+                      help="also write a refined segmentation without the lesions whose p_true_lesion is "
+                      "under THRESHOLD (default: the refiner's own); implies --explain")
 
     perf = parser.add_argument_group("Performance and execution")
     perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, metavar="DIR",

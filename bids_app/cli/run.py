@@ -15,7 +15,15 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import EXIT_SUCCESS, MsxplainError, exit_code_from_traceback, message_from_traceback
+from ..errors import (
+    EXIT_SUCCESS,
+    BadInputData,
+    MissingInput,
+    MsxplainError,
+    UsageError,
+    exit_code_from_traceback,
+    message_from_traceback,
+)
 
 LOGGER = logging.getLogger("bids_app")
 
@@ -77,7 +85,7 @@ def main_exit() -> None:  # console-script entry point
 def resolve_settings(config, model, digests: dict[str, str], references: dict | None = None):
     """Model card defaults + user overrides -> :class:`~bids_app.workflows.base.PipelineSettings`."""
     from ..core.segment import resolve_device
-    from ..models import CARD_NAME, model_provenance, select_members
+    from ..models import CARD_NAME, model_provenance, model_refiner, select_members
     from ..derivatives import atomic_write_text, dumps_json
     from ..workflows.base import PipelineSettings
 
@@ -110,6 +118,24 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         if feature_templates is not None and "atlas" not in feature_templates:
             LOGGER.warning("No atlas: lesion location classes use the GM map only (no ventricles, no brain stem); "
                            "pass --atlas DSEG --atlas-lut TSV for the full classes.")
+    explain = refiner_file = None
+    outputs = config.outputs
+    if outputs.explain:
+        if outputs.refiner and outputs.refiner != "none":
+            refiner_file = Path(outputs.refiner).resolve()
+            if not refiner_file.is_file():
+                raise MissingInput("The --refiner file does not exist.", path=str(refiner_file),
+                                   hint="train one with msxplain-tools train-refiner, or drop --refiner.")
+        elif outputs.refiner is None:
+            refiner_file = model_refiner(model)
+        if outputs.refine and refiner_file is None:
+            raise UsageError("--refine needs a saliency refiner, and the model has none.",
+                             hint="pass --refiner FILE (msxplain-tools train-refiner).")
+        explain = explain_parameters(outputs, _read_refiner(refiner_file) if refiner_file else None)
+        if device == "cpu":
+            LOGGER.warning("Explanations on the CPU (%d SmoothGrad samples per lesion): expect minutes per "
+                           "lesion with a full-size model; --explain-max-lesions limits the work, a GPU is "
+                           "the intended device.", explain["n_samples"])
     return PipelineSettings(
         bids_dir=config.execution.bids_dir,
         output_dir=config.execution.output_dir,
@@ -140,7 +166,46 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         references=dict(references or {}),
         feature_templates=feature_templates,
         export_meshes=config.outputs.export_meshes,
+        explain=explain,
+        refiner_file=refiner_file,
+        refine=outputs.refine,
+        refine_threshold=outputs.refine_threshold,
     )
+
+
+def _read_refiner(path: Path) -> dict:
+    """A refiner JSON, checked before the run starts."""
+    from ..core.saliency_radiomics import check_refiner
+
+    try:
+        return check_refiner(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInputData(f"Not a msxplain refiner ({type(exc).__name__}: {exc}).", path=str(path),
+                           hint="give the JSON written by msxplain-tools train-refiner.") from None
+
+
+def explain_parameters(outputs, refiner: dict | None) -> dict:
+    """ExplainLesions parameters: the user's, else those the refiner was trained with (its
+    radiomic features depend on them), else the :class:`~bids_app.core.explain.ExplainConfig`
+    defaults."""
+    from ..core.explain import ExplainConfig
+
+    trained = (refiner or {}).get("explain_config") or {}
+    default = ExplainConfig()
+
+    def pick(user, key):
+        if user is not None:
+            if key in trained and trained[key] != user:
+                LOGGER.warning("The refiner was trained with %s = %s; this run uses %s (p_true_lesion may be "
+                               "off).", key, trained[key], user)
+            return user
+        return trained.get(key, getattr(default, key))
+
+    return {"n_samples": int(pick(outputs.explain_samples, "n_samples")),
+            "noise_level": float(pick(outputs.explain_noise, "noise_level")),
+            "margin_mm": float(pick(outputs.explain_margin, "margin_mm") or -1.0),
+            "max_groups": int(trained.get("max_groups", default.max_groups)),
+            "max_lesions": int(outputs.explain_max_lesions)}
 
 
 def plugin_settings(config, settings) -> tuple[str, dict]:

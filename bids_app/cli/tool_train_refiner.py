@@ -207,9 +207,17 @@ def run(args: argparse.Namespace) -> int:
                            hint="add participants with both true and false-positive lesions.") from None
     p = R.predict_refiner(model, X)
     keep = R.refine(p, args.threshold)
+    # the SmoothGrad settings the features were computed with: a run should use the same
+    explain_config = None
+    for source in sorted({r["source"] for r in rows if str(r["source"]).endswith(".npz")})[:1]:
+        from ..explain_store import load_store
+
+        explain_config = load_store(Path(source)).meta.get("config")
     model.update({
         "map": args.map,
-        "channel": args.channel or "FLAIR if present, else the first channel",
+        "channel": args.channel,
+        "channel_rule": args.channel or "FLAIR if present, else the first channel",
+        "explain_config": explain_config,
         "tool": "msxplain-tools train-refiner",
         "version_msxplain": __version__,
         "training_fit": {"TP_kept": int((keep & y).sum()), "TP_rejected": int((~keep & y).sum()),

@@ -1347,6 +1347,7 @@ def explain_case(
     config: ExplainConfig = ExplainConfig(),
     channel_names: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    labels: Sequence[int] | None = None,
 ) -> SaliencyStore:
     """Explain every predicted lesion of one case (the function the workflow calls).
 
@@ -1364,6 +1365,9 @@ def explain_case(
     config : ExplainConfig
     channel_names : K names (default ``ch0..``)
     progress : callable or None
+    labels : ints or None
+        Explain only these lesion labels (default: all); the others stay in the instance
+        crops (as neighbours) and are listed in ``meta['not_selected_labels']``.
 
     Returns
     -------
@@ -1388,8 +1392,9 @@ def explain_case(
     lesions_net = instances_to_network(instances, geom)
     timings["preprocess_s"] = time.perf_counter() - t0
     present = set(int(v) for v in np.unique(lesions_net)) - {0}
+    wanted = set(range(1, len(instance_class) + 1)) if labels is None else {int(v) for v in labels}
     lesion_classes = {int(lab): int(instance_class[lab - 1]) for lab in range(1, len(instance_class) + 1)
-                      if lab in present}
+                      if lab in present and lab in wanted}
     nets, member_names = member_networks(predictor)
     net_results = explain_network_space(
         nets, data, lesions_net, lesion_classes, cfg, spacing=geom.network_spacing, device=predictor.device,
@@ -1434,7 +1439,8 @@ def explain_case(
         "lesions_network_voxels": {str(r.label): r.n_voxels for r in net_results},
         "max_groups_used": {str(r.label): r.n_groups for r in net_results},
         "network_crops": {str(r.label): [list(b) for b in r.crop] for r in net_results},
-        "skipped_labels": sorted(set(range(1, len(instance_class) + 1)) - set(lesion_classes)),
+        "skipped_labels": sorted((set(range(1, len(instance_class) + 1)) & wanted) - set(lesion_classes)),
+        "not_selected_labels": sorted(set(range(1, len(instance_class) + 1)) - wanted),
         "margin_vox": timings.pop("margin_vox", None),
         "erf_radius_vox": timings.pop("erf_radius_vox", None),
         "device": str(device),
@@ -1446,6 +1452,51 @@ def explain_case(
         bbox=np.asarray(bboxes, np.int32).reshape(-1, 2, 3), maps=maps, instances=inst_crops,
         channel_names=names, meta=meta,
     )
+
+
+def reorient_store(store: SaliencyStore, ornt: np.ndarray) -> SaliencyStore:
+    """The same store on another voxel order of the same grid (a flip/permutation).
+
+    The workflow explains on the canonical (RAS+) grid the network was trained on and writes
+    derivatives on the reference image's own grid; this maps the crops, their boxes, the
+    shape and the voxel sizes exactly (no interpolation).
+
+    Parameters
+    ----------
+    store : SaliencyStore
+        On the grid of ``ornt``'s input axes.
+    ornt : ndarray, shape (3, 2)
+        nibabel orientation transform (``nibabel.orientations.ornt_transform``): input axis
+        ``i`` becomes output axis ``ornt[i, 0]``, reversed when ``ornt[i, 1] == -1``.
+    """
+    import nibabel.orientations as nio
+
+    ornt = np.asarray(ornt, float)
+    dest = ornt[:, 0].astype(int)
+    flip = ornt[:, 1] < 0
+    shape = [0, 0, 0]
+    zooms = [0.0, 0.0, 0.0]
+    for i in range(3):
+        shape[dest[i]] = int(store.shape[i])
+        zooms[dest[i]] = float(store.zooms[i])
+    bbox = np.zeros_like(np.asarray(store.bbox, np.int32).reshape(-1, 2, 3))
+    for n, box in enumerate(np.asarray(store.bbox).reshape(-1, 2, 3)):
+        for i in range(3):
+            lo, hi = int(box[0, i]), int(box[1, i])
+            if flip[i]:
+                lo, hi = store.shape[i] - hi, store.shape[i] - lo
+            bbox[n, 0, dest[i]], bbox[n, 1, dest[i]] = lo, hi
+
+    def crop3(a):
+        return np.ascontiguousarray(nio.apply_orientation(a, ornt))
+
+    maps = {name: [np.stack([crop3(c) for c in crop]) for crop in crops] for name, crops in store.maps.items()}
+    meta = dict(store.meta)
+    meta["reoriented_from_grid"] = {"shape": [int(v) for v in store.shape], "ornt": ornt.tolist()}
+    return SaliencyStore(shape=tuple(shape), zooms=tuple(zooms), labels=np.asarray(store.labels, np.int32),
+                         classes=np.asarray(store.classes, np.int32), bbox=bbox, maps=maps,
+                         instances=[crop3(c) for c in store.instances], channel_names=list(store.channel_names),
+                         meta=meta)
 
 
 # ==========================================================================================

@@ -84,12 +84,7 @@ class PostProcess(SimpleInterface):
                         "metadata": {"Type": "Lesion", "Manual": False, "Classes": names, **params}})
         dseg_file = os.path.abspath("dseg.nii.gz")
         save_image(dseg_file, seg.dseg.astype(np.int16), affine)
-        lut = os.path.abspath("dseg.tsv")
-        with open(lut, "w") as handle:
-            handle.write("index\tname\tabbreviation\tmapping\n")
-            for c, name in zip(indices, names):
-                long = {"WML": "WhiteMatterLesion", "CL": "CorticalLesion"}.get(name, name)
-                handle.write(f"{c}\t{long}\t{name}\t7\n")
+        lut = write_class_lut(os.path.abspath("dseg.tsv"), indices, names)
         records.append({"key": "class_dseg", "file": dseg_file, "sources": sources, "lookup_table": lut,
                         "metadata": {"Manual": False, **params}})
         instances_file = os.path.abspath("instances.nii.gz")
@@ -128,3 +123,13 @@ class PostProcess(SimpleInterface):
         self._results.update(dseg_file=dseg_file, instances_file=instances_file, lesions_file=lesions_file,
                              summary_file=summary_file, derivatives=records)
         return runtime
+
+
+def write_class_lut(path: str, indices, names) -> str:
+    """BIDS dseg lookup table (index, name, abbreviation, mapping 7 = lesion) of the lesion classes."""
+    with open(path, "w") as handle:
+        handle.write("index\tname\tabbreviation\tmapping\n")
+        for c, name in zip(indices, names):
+            long = {"WML": "WhiteMatterLesion", "CL": "CorticalLesion"}.get(name, name)
+            handle.write(f"{c}\t{long}\t{name}\t7\n")
+    return path

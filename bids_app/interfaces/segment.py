@@ -47,52 +47,22 @@ class PredictLesions(SimpleInterface):
     output_spec = _PredictLesionsOutputSpec
 
     def _run_interface(self, runtime):
-        from pathlib import Path
-
         import nibabel as nib
         import numpy as np
 
-        from ..core.conform import from_canonical, to_canonical
-        from ..core.imageio import Image
-        from ..core.segment import EnsemblePredictor, MemberInput, resolve_device
-        from ..models import ModelCard, ResolvedModel, load_members, model_provenance
+        from ..core.conform import from_canonical
+        from ..models import model_provenance
 
         start = time.perf_counter()
-        trainer_dir = Path(self.inputs.model_dir)
-        card_path = Path(self.inputs.card_file) if self.inputs.card_file else None
-        if card_path is not None:
-            card = ModelCard.load(card_path)
-        else:
-            from ..models import CARD_NAME, infer_card
-
-            if (trainer_dir / CARD_NAME).is_file():
-                card_path = trainer_dir / CARD_NAME
-                card = ModelCard.load(card_path)
-            else:
-                card = ModelCard.from_dict(infer_card(trainer_dir))
-        model = ResolvedModel(trainer_dir=trainer_dir, card=card, card_path=card_path, source=str(trainer_dir))
+        model, card, members, predictor = load_ensemble(
+            self.inputs.model_dir, self.inputs.card_file, list(self.inputs.folds), self.inputs.device,
+            self.inputs.tta, self.inputs.num_threads)
         folds = list(self.inputs.folds)
-        members = load_members(model, folds)  # checksums are verified before unpickling
-        device = resolve_device(self.inputs.device)
-        predictor = EnsemblePredictor(
-            json.loads((trainer_dir / "plans.json").read_text()),
-            json.loads((trainer_dir / "dataset.json").read_text()),
-            [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members],
-            configuration=card.configuration, device=device, tta=self.inputs.tta,
-            num_threads=self.inputs.num_threads,
-        )
+        device = predictor.device
         img = nib.load(self.inputs.channels_file)
-        channels = np.asarray(img.dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        if self.inputs.skull_strip:
-            channels = channels * mask[..., None]
-        canonical_channels = []
-        ornt = None
-        for k in range(channels.shape[-1]):
-            canon, ornt = to_canonical(Image(channels[..., k], img.affine))
-            canonical_channels.append(canon.data)
-        stack = np.stack(canonical_channels)
-        zooms = canon.zooms
+        stack, zooms, ornt = network_channels(np.asarray(img.dataobj, dtype=np.float32), img.affine,
+                                              mask if self.inputs.skull_strip else None)
         load_seconds = time.perf_counter() - start
         t0 = time.perf_counter()
         probs = predictor.predict(stack, zooms)
@@ -117,3 +87,63 @@ class PredictLesions(SimpleInterface):
             json.dump(info, handle, indent=2, sort_keys=True)
         self._results.update(member_probs_file=out, model_file=model_file)
         return runtime
+
+
+def load_ensemble(model_dir, card_file, folds, device, tta, num_threads):
+    """The model, its card, the verified members and an :class:`EnsemblePredictor` (shared by
+    the prediction and explanation nodes, so both run exactly the same networks).
+
+    Returns
+    -------
+    (ResolvedModel, ModelCard, list of MemberWeights, EnsemblePredictor)
+    """
+    from pathlib import Path
+
+    from ..core.segment import EnsemblePredictor, MemberInput, resolve_device
+    from ..models import CARD_NAME, ModelCard, ResolvedModel, infer_card, load_members
+
+    trainer_dir = Path(model_dir)
+    card_path = Path(card_file) if card_file else None
+    if card_path is None and (trainer_dir / CARD_NAME).is_file():
+        card_path = trainer_dir / CARD_NAME
+    card = ModelCard.load(card_path) if card_path is not None else ModelCard.from_dict(infer_card(trainer_dir))
+    model = ResolvedModel(trainer_dir=trainer_dir, card=card, card_path=card_path, source=str(trainer_dir))
+    members = load_members(model, list(folds))  # checksums are verified before unpickling
+    predictor = EnsemblePredictor(
+        json.loads((trainer_dir / "plans.json").read_text()),
+        json.loads((trainer_dir / "dataset.json").read_text()),
+        [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members],
+        configuration=card.configuration, device=resolve_device(device), tta=tta, num_threads=num_threads,
+    )
+    return model, card, members, predictor
+
+
+def network_channels(channels, affine, mask=None):
+    """Input channels as the network takes them: zeroed outside ``mask`` (skull-stripped
+    models), reoriented to RAS+ (as the model was trained).
+
+    Parameters
+    ----------
+    channels : ndarray (X, Y, Z, K) float32
+    affine : ndarray (4, 4)
+    mask : ndarray (X, Y, Z) bool or None
+
+    Returns
+    -------
+    stack : ndarray (K, X', Y', Z') float32 on the canonical grid
+    zooms : (3,) float, mm on the canonical grid
+    ornt : ndarray (3, 2), the original orientation (for :func:`~bids_app.core.conform.from_canonical`)
+    """
+    import numpy as np
+
+    from ..core.conform import to_canonical
+    from ..core.imageio import Image
+
+    if mask is not None:
+        channels = channels * mask[..., None]
+    canonical, ornt = [], None
+    canon = None
+    for k in range(channels.shape[-1]):
+        canon, ornt = to_canonical(Image(channels[..., k], affine))
+        canonical.append(canon.data)
+    return np.stack(canonical), canon.zooms, ornt

@@ -2,9 +2,10 @@
 
 Workflow Graph (per session)::
 
-    conform ─ brain_mask ─ predict (GPU) ─┬─ postprocess ──────────────┐
-                                          ├─ uncertainty ─┬─ lesion_table ─┤
-                                          └─ [evaluation] ┘   summary ──┴─ records ─ ds_session
+    conform ─ brain_mask ─ predict (GPU) ─┬─ postprocess ─┬─ [features] ────────┐
+                                          │               └─ [explain (GPU) ─ refine] ┤
+                                          ├─ uncertainty ─┬─ lesion_table ──────┤
+                                          └─ [evaluation] ┘   summary ──────────┴─ records ─ ds_session
 
 Nodes only wire: every computation lives in :mod:`bids_app.core` behind a thin interface.
 All derivatives of a session go through a single sink (``ds_session``) that writes them all
@@ -26,6 +27,7 @@ from ..discovery import SessionInputs
 from ..interfaces.conform import BrainMask, ConformInputs
 from ..interfaces.derivatives import DerivativesSink, SessionSummary
 from ..interfaces.evaluation import EvaluateSession, LesionTable
+from ..interfaces.explain import ExplainLesions, RefineLesions
 from ..interfaces.features import LesionFeatures
 from ..interfaces.postprocess import PostProcess
 from ..interfaces.segment import PredictLesions
@@ -72,9 +74,24 @@ class PipelineSettings:
     feature_templates: dict[str, Path] | None = None
     export_meshes: bool = False
     gpu_sbatch_args: str = "--gres=gpu:1"
+    #: instance explanations (None: off): ExplainLesions inputs (n_samples, noise_level, max_lesions)
+    explain: dict[str, Any] | None = None
+    #: saliency refiner JSON (p_true_lesion), and whether/at which threshold to refine
+    refiner_file: Path | None = None
+    refine: bool = False
+    refine_threshold: float | None = None
 
     def parameters(self) -> dict[str, Any]:
-        return {
+        explain = {}
+        if self.explain is not None:
+            explain = {"Explanations": {
+                "SmoothGradSamples": self.explain["n_samples"], "SmoothGradNoiseLevel": self.explain["noise_level"],
+                "MaxAggregationGroups": self.explain["max_groups"],
+                "ContextMarginMM": self.explain["margin_mm"] if self.explain["margin_mm"] > 0 else "measured",
+                "MaxLesions": self.explain["max_lesions"] or None,
+                "Refiner": self.refiner_file.name if self.refiner_file else None,
+                "Refine": self.refine, "RefineThreshold": self.refine_threshold}}
+        return explain | {
             "Threshold": self.threshold,
             "ThresholdRule": "p >= threshold",
             "MinLesionSizeVoxels": self.min_lesion_size,
@@ -198,6 +215,40 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         summary_parts.append((features, "summary_file"))
         fragments.append((features, "lesions_file", "lesions_dictionary"))
         record_sources.append((features, "derivatives"))
+
+    # 6b. instance-level explanations: a GPU node like predict
+    if settings.explain is not None:
+        explain = pe.Node(ExplainLesions(
+            channel_names=[f.channel for f in session.files], model_dir=str(settings.trainer_dir),
+            card_file=str(settings.card_file), folds=list(settings.folds), device=settings.device,
+            num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_strip=settings.skull_strip,
+            sources=sources, **settings.explain),
+            name="explain", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
+        if use_gpu:
+            explain.plugin_args = {"sbatch_args": settings.gpu_sbatch_args, "overwrite": False}
+        workflow.connect([
+            (conform, explain, [("channels_file", "channels_file")]),
+            (brain_mask, explain, [("mask_file", "mask_file")]),
+            (postprocess, explain, [("instances_file", "instances_file"), ("lesions_file", "lesions_file")]),
+        ])  # fmt:skip
+        summary_parts.append((explain, "summary_file"))
+        fragments.append((explain, "lesions_file", "lesions_dictionary"))
+        record_sources.append((explain, "derivatives"))
+        # 6c. p_true_lesion from the saliency radiomics (+ --refine): cheap, so its own node
+        if settings.refiner_file:
+            refine = pe.Node(RefineLesions(
+                refiner_file=str(settings.refiner_file), refine=settings.refine,
+                label_indices=list(settings.label_indices), label_names=list(settings.label_names),
+                sources=sources), name="refine", mem_gb=1.0)
+            if settings.refine_threshold is not None:
+                refine.inputs.refine_threshold = settings.refine_threshold
+            workflow.connect([
+                (explain, refine, [("store_file", "store_file")]),
+                (postprocess, refine, [("instances_file", "instances_file"), ("lesions_file", "lesions_file")]),
+            ])  # fmt:skip
+            summary_parts.append((refine, "summary_file"))
+            fragments.append((refine, "lesions_file", "lesions_dictionary"))
+            record_sources.append((refine, "derivatives"))
 
     # 7. evaluation against manual masks (--reference-masks)
     reference = settings.references.get(session.name)
