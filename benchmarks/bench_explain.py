@@ -56,22 +56,9 @@ CAM_FORMS = ("gradcam", "gradcampp", "gradcampp-elementwise", "hirescam", "layer
 
 def synthetic_blobs(rng, shape, n_big=(2, 6), n_small=(0, 4), r_big=(2.0, 4.0), r_small=(1.2, 2.0)):
     """Two-channel blobs like the tiny model's training data (bids_app.training.tiny), any shape."""
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"), axis=-1)
-    labels = np.zeros(shape, np.uint8)
-    for cls, count, radius in ((1, rng.integers(*n_big), r_big), (2, rng.integers(*n_small), r_small)):
-        for _ in range(int(count)):
-            centre = rng.uniform(5, np.array(shape) - 5)
-            r = rng.uniform(*radius, size=3)
-            labels[(((grid - centre) / r) ** 2).sum(-1) <= 1.0] = cls
-    t1 = rng.normal(1.0, 0.08, shape).astype(np.float32)
-    flair = rng.normal(1.0, 0.08, shape).astype(np.float32)
-    flair[labels == 1] += 0.9
-    t1[labels == 1] -= 0.3
-    t1[labels == 2] -= 0.6
-    flair[labels == 2] += 0.3
-    image = np.stack([t1, flair])
-    image = (image - image.mean(axis=(1, 2, 3), keepdims=True)) / image.std(axis=(1, 2, 3), keepdims=True)
-    return image.astype(np.float32), labels
+    from bids_app.training.tiny import blob_case
+
+    return blob_case(rng, shape, n_big, n_small, r_big, r_small)
 
 
 def network_case(nets, shape, seed, device, n_big=(8, 14), threshold=0.5, min_size=8, max_lesions=None,

@@ -24,9 +24,21 @@ TINY_TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 def _synthetic_case(rng: np.random.Generator, shape=(32, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
     """(2, X, Y, Z) float32 image and (X, Y, Z) uint8 labels with a few blobs."""
+    return blob_case(rng, shape)
+
+
+def blob_case(rng: np.random.Generator, shape=(32, 32, 32), n_big=(1, 4), n_small=(0, 3), r_big=(2.0, 4.0),
+              r_small=(1.2, 2.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Two-channel T1w/FLAIR-like blobs (the tiny model's training data), any shape.
+
+    Returns
+    -------
+    image : ndarray (2, X, Y, Z) float32, each channel z-scored
+    labels : ndarray (X, Y, Z) uint8, 1 = big bright-on-FLAIR blobs, 2 = small subtle ones
+    """
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float32)
     labels = np.zeros(shape, dtype=np.uint8)
-    for cls, count, radius in ((1, rng.integers(1, 4), (2.0, 4.0)), (2, rng.integers(0, 3), (1.2, 2.0))):
+    for cls, count, radius in ((1, rng.integers(*n_big), r_big), (2, rng.integers(*n_small), r_small)):
         for _ in range(int(count)):
             centre = rng.uniform(5, np.array(shape) - 5)
             r = rng.uniform(*radius, size=3)
