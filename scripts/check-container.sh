@@ -30,7 +30,9 @@ PODMAN=(podman --root "$W/storage" --runroot "$W/run")
 # 1. a local Debian base (no registry is reachable); the build-time HTTPS proxy's CA is trusted
 #    inside this check's base only (never in the Dockerfile)
 if ! "${PODMAN[@]}" image exists localhost/debian:bookworm; then
-    MIRROR=$(grep -hoE 'https?://[^ ]+' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -1)
+    # the first active mirror (deb822 `URIs:` or one-line `deb`); a missing file is not an error
+    MIRROR=$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+        | sed -nE 's#^(URIs:|deb)[[:space:]]+(\[[^]]*\][[:space:]]+)?(https?://[^[:space:]]+).*#\3#p' | head -1) || true
     rm -rf "$W/rootfs"
     debootstrap --variant=minbase --include=ca-certificates bookworm "$W/rootfs" "${MIRROR:-http://deb.debian.org/debian}" >/dev/null
     cp /etc/apt/sources.list.d/*.sources "$W/rootfs/etc/apt/sources.list.d/" 2>/dev/null || true
@@ -44,8 +46,9 @@ T1=$(t)
 
 # 2. build the real Dockerfile (templates copied from ../shared: TemplateFlow's S3 is not reachable here)
 rm -rf docker/templateflow
+trap 'rm -rf "$REPO/docker/templateflow"' EXIT  # never leave the 38 MB copy in the working tree
 cp -r "$SHARED/templateflow" docker/templateflow
-"${PODMAN[@]}" build --isolation=chroot --build-arg BASE=localhost/debian:bookworm --build-arg VERSION="$VERSION" \
+"${PODMAN[@]}" build --isolation=chroot --format docker --build-arg BASE=localhost/debian:bookworm --build-arg VERSION="$VERSION" \
     --build-arg TEMPLATE_SOURCE=local -t "localhost/msxplain:$VERSION" . 2>&1 | tail -n 20
 rm -rf docker/templateflow
 T2=$(t)

@@ -142,6 +142,9 @@ def test_group_level_after_participant_level(participant_run):
     lesions = pd.read_csv(group / "group_lesions.tsv", sep="\t")
     assert set(lesions["participant_id"]) <= {"sub-01", "sub-02"}
     assert (group / "group_detection.tsv").is_file() and (group / "group_summary.tsv").is_file()
+    # the group/ folder is .bidsignore'd in a form the validator honours (a trailing "/" is not)
+    result = validate(participant_run["out"])
+    assert result.errors == [], result.error_lines(10)
 
 
 def test_io_spec_covers_every_written_suffix(participant_run):
