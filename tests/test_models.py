@@ -173,3 +173,24 @@ def test_real_nnunet_checkpoint_globals_are_allowed(tiny_model, tmp_path):
     torch.save(checkpoint, path)
     loaded = load_checkpoint(path)
     assert "network_weights" in loaded
+
+
+def test_bundled_refiner_is_checksum_verified(model_copy):
+    import json
+
+    from bids_app.models import model_refiner, sha256_file
+
+    assert model_refiner(resolve_model(str(model_copy))) is None  # the card names none
+    refiner = model_copy / "refiner.json"
+    refiner.write_text(json.dumps({"format": "msxplain-saliency-refiner"}))
+    card_file = model_copy / CARD_NAME
+    card = json.loads(card_file.read_text())
+    card["refiner"] = {"file": "refiner.json", "sha256": sha256_file(refiner)}
+    card_file.write_text(json.dumps(card))
+    assert model_refiner(resolve_model(str(model_copy))) == refiner
+    refiner.write_text(json.dumps({"format": "tampered"}))
+    with pytest.raises(BadInputData, match="Checksum mismatch for the refiner"):
+        model_refiner(resolve_model(str(model_copy)))
+    refiner.unlink()
+    with pytest.raises(MissingInput, match="refiner that is not there"):
+        model_refiner(resolve_model(str(model_copy)))
