@@ -183,13 +183,15 @@ class Config:
             atlas_lut=str(ns.atlas_lut) if getattr(ns, "atlas_lut", None) else None,
             export_meshes=bool(getattr(ns, "export_meshes", False)),
             in_domain_sites=tuple(ns.in_domain_sites) if getattr(ns, "in_domain_sites", None) else None,
-            # --refine needs the saliency maps, so it switches the explanations on
-            explain=bool(getattr(ns, "explain", False) or getattr(ns, "refine", None) is not None),
+            # --refine and --refiner FILE need the saliency maps, so they switch the explanations on
+            explain=bool(getattr(ns, "explain", False) or getattr(ns, "refine", None) is not None
+                         or getattr(ns, "refiner", None) not in (None, "none")),
             explain_samples=getattr(ns, "explain_samples", None),
             explain_noise=getattr(ns, "explain_noise", None),
             explain_margin=getattr(ns, "explain_margin", None),
             explain_max_lesions=int(getattr(ns, "explain_max_lesions", 0)),
-            refiner=str(ns.refiner) if getattr(ns, "refiner", None) else None,
+            refiner=(None if not getattr(ns, "refiner", None) else
+                     "none" if ns.refiner == "none" else str(Path(ns.refiner).expanduser().resolve())),
             refine=getattr(ns, "refine", None) is not None,
             refine_threshold=(float(ns.refine) if getattr(ns, "refine", None) not in (None, "model") else None),
         )

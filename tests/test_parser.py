@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,8 @@ def test_explanation_options(tmp_path):
     custom = Config.from_args(build_parser().parse_args(
         [*argv, "--refine", "0.3", "--explain-samples", "8", "--explain-margin", "10"])).outputs
     assert custom.refine_threshold == 0.3 and custom.explain_samples == 8 and custom.explain_margin == 10.0
+    given = Config.from_args(build_parser().parse_args([*argv, "--refiner", "r.json"])).outputs
+    assert given.explain and not given.refine and given.refiner == str((Path.cwd() / "r.json").resolve())
     with pytest.raises(Exception) as info:
         Config.from_args(build_parser().parse_args([*argv, "--refine", "--refiner", "none"]))
     assert getattr(info.value, "exit_code", None) == 64

@@ -252,7 +252,8 @@ def build_parser() -> UsageArgumentParser:
                       metavar="N", help="explain only the N largest lesions of a session (0: all; default)")
     expl.add_argument("--refiner", metavar="FILE|none",
                       help="saliency-radiomics TP/FP classifier (JSON from msxplain-tools train-refiner) giving "
-                      "p_true_lesion in the lesion table; default: the one bundled with the model, if any")
+                      "p_true_lesion in the lesion table (implies --explain); default with --explain: the one "
+                      "bundled with the model, if any")
     expl.add_argument("--refine", nargs="?", const="model", metavar="THRESHOLD",
                       type=refine_threshold,
                       help="also write a refined segmentation without the lesions whose p_true_lesion is "
