@@ -104,9 +104,9 @@ def cli_dataset(tmp_path_factory, synth_templateflow_home, lesion_dir):
 
 
 def _run_validator(dataset: Path, tmp_path: Path) -> dict:
-    exe = shutil.which("bids-validator-deno")
-    if exe is None:
-        pytest.skip("bids-validator-deno not installed")
+    from bids_app.validation import validator_executable
+
+    exe = validator_executable()  # a project dependency: its absence is a failure, not a skip
     home = tmp_path / "validator_home"
     home.mkdir(exist_ok=True)
     env = dict(os.environ, HOME=str(home), DENO_DIR=str(home / "deno"), NO_COLOR="1")
