@@ -74,7 +74,8 @@ class PipelineSettings:
     feature_templates: dict[str, Path] | None = None
     export_meshes: bool = False
     gpu_sbatch_args: str = "--gres=gpu:1"
-    #: instance explanations (None: off): ExplainLesions inputs (n_samples, noise_level, max_lesions)
+    #: instance explanations (None: off): ExplainLesions inputs (n_samples, noise_level, margin_mm,
+    #: max_groups, max_lesions; see cli.run.explain_parameters)
     explain: dict[str, Any] | None = None
     #: saliency refiner JSON (p_true_lesion), and whether/at which threshold to refine
     refiner_file: Path | None = None
