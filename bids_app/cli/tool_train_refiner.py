@@ -113,12 +113,14 @@ def load_reference(paths: list[Path], shape, affine) -> np.ndarray:
     return ref
 
 
-def collect_from_stores(inputs: list[Path], args) -> tuple[list[dict], np.ndarray, np.ndarray, list[str]]:
-    """(rows of source/label, features, is_tp, names) from every store under ``inputs``."""
+def collect_from_stores(inputs: list[Path], args) -> tuple[list[dict], np.ndarray, np.ndarray, list[str], dict]:
+    """(rows of source/label, features, is_tp, names, {store: its explain config}) from every
+    store under ``inputs`` that has lesions."""
     from ..core import saliency_radiomics as R
     from ..explain_store import load_store
 
     rows, feats, truth = [], [], []
+    configs: dict[str, dict | None] = {}
     names = R.feature_names()
     stores = []
     for d in inputs:
@@ -144,13 +146,14 @@ def collect_from_stores(inputs: list[Path], args) -> tuple[list[dict], np.ndarra
             raise BadInputData(str(exc), path=str(path),
                                hint="choose --map / --channel present in the store.") from None
         y = R.store_truth(store, ref)
+        configs[str(path)] = store.meta.get("config")
         for i in range(store.n_lesions):
             rows.append({"source": str(path), "label": int(store.labels[i])})
         feats.append(X)
         truth.append(y)
     if not rows:
-        return [], np.zeros((0, len(names))), np.zeros(0, bool), names
-    return rows, np.concatenate(feats), np.concatenate(truth), names
+        return [], np.zeros((0, len(names))), np.zeros(0, bool), names, configs
+    return rows, np.concatenate(feats), np.concatenate(truth), names, configs
 
 
 def read_table(path: Path, names: list[str]) -> tuple[list[dict], np.ndarray, np.ndarray]:
@@ -188,8 +191,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("Nothing to train on.", hint="give --inputs DIR [DIR ...] and/or --tables TSV [TSV ...].")
     names = R.feature_names()
     rows, X, y = [], np.zeros((0, len(names))), np.zeros(0, bool)
+    configs: dict[str, dict | None] = {}
     if args.inputs:
-        rows, X, y, names = collect_from_stores([Path(d) for d in args.inputs], args)
+        rows, X, y, names, configs = collect_from_stores([Path(d) for d in args.inputs], args)
     for table in args.tables:
         r, Xt, yt = read_table(Path(table), names)
         rows += r
@@ -207,12 +211,8 @@ def run(args: argparse.Namespace) -> int:
                            hint="add participants with both true and false-positive lesions.") from None
     p = R.predict_refiner(model, X)
     keep = R.refine(p, args.threshold)
-    # the SmoothGrad settings the features were computed with: a run should use the same
-    explain_config = None
-    for source in sorted({r["source"] for r in rows if str(r["source"]).endswith(".npz")})[:1]:
-        from ..explain_store import load_store
-
-        explain_config = load_store(Path(source)).meta.get("config")
+    # the SmoothGrad settings the features were computed with (first store): a run should use the same
+    explain_config = configs[min(configs)] if configs else None
     model.update({
         "map": args.map,
         "channel": args.channel,

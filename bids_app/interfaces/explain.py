@@ -88,7 +88,8 @@ class ExplainLesions(SimpleInterface):
         import pandas as pd
 
         from ..core.explain import ExplainConfig, explain_case, lesion_summaries, reorient_store, summary_maps
-        from ..core.imageio import save_image
+        from ..core.conform import to_canonical
+        from ..core.imageio import Image, save_image
         from ..derivatives import dumps_json
         from ..explain_store import save_store
         from ..lesion_table import write_fragment
@@ -105,8 +106,7 @@ class ExplainLesions(SimpleInterface):
         inst_img = nib.load(self.inputs.instances_file)
         instances = np.asarray(inst_img.dataobj).astype(np.int32)
         affine = inst_img.affine
-        to_ras = nio.ornt_transform(ornt, nio.axcodes2ornt("RAS"))
-        canonical_instances = np.ascontiguousarray(nio.apply_orientation(instances, to_ras))
+        canonical_instances = to_canonical(Image(instances, affine))[0].data  # the grid the network sees
         with open(self.inputs.lesions_file) as handle:
             geometry = json.load(handle)
         labels_all = np.asarray(geometry.get("label", []), int)
