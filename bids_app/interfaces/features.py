@@ -18,16 +18,69 @@ class _LesionFeaturesInputSpec(BaseInterfaceInputSpec):
     channels_file = File(exists=True, mandatory=True, desc="4D NIfTI (X, Y, Z, K) of the conformed channels")
     channel_names = traits.List(traits.Str, mandatory=True, desc="channel names (intensity column prefixes)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask")
-    reference_file = File(exists=True, mandatory=True, desc="reference image (registration to the template)")
+    reference_file = File(exists=True, mandatory=True,
+                          desc="raw reference image (registration to the template; its BIDS suffix names the "
+                               "from- entity of the transform)")
     template_t1w = File(exists=True, mandatory=True, desc="template T1w (MNI152NLin2009cAsym)")
     template_mask = File(exists=True, mandatory=True, desc="template brain mask")
     template_gm = File(exists=True, mandatory=True, desc="template GM probability")
     template_wm = File(exists=True, desc="template WM probability (NAWM reference)")
-    atlas_file = File(exists=True, desc="dseg atlas on the template grid (location classes)")
+    atlas_file = File(exists=True, desc="dseg atlas on the template grid (location classes), from configuration")
     atlas_lut = File(exists=True, desc="atlas lookup table: index, name, location_class")
     skull_stripped = traits.Bool(True, usedefault=True, desc="register brain to brain (else head to head)")
     export_meshes = traits.Bool(False, usedefault=True, desc="write one STL surface mesh per lesion")
     sources = traits.List(traits.Str, mandatory=True, desc="raw inputs (provenance)")
+
+
+#: what is known of the one atlas msxplain looks for by itself (``--atlas auto``): a file named like
+#: TemplateFlow's, which TemplateFlow does not distribute
+HOPARC_PROVENANCE = {
+    "Description": "Parcellation on the MNI152NLin2009cAsym grid derived by niworkflows 0.0.5 from the FSL "
+                   "Harvard-Oxford cortical and subcortical atlases (cortical labels 101-196, subcortical "
+                   "structures, lateral ventricles, brain stem, cerebellum). Not a TemplateFlow file.",
+    "License": "FSL licence (Harvard-Oxford atlases); see https://fsl.fmrib.ox.ac.uk/fsl/fslwiki/Licence",
+}
+#: lesion-table columns that come from the atlas (their data dictionary names it)
+ATLAS_COLUMNS = ("atlas_label", "atlas_name", "atlas_label_fraction", "atlas_class", "atlas_class_fraction",
+                 "location_class", "distance_to_ventricle_mm")
+
+
+def atlas_provenance(atlas_file: str) -> dict[str, str]:
+    """Where the configured atlas comes from, as truthfully as msxplain knows it.
+
+    Parameters
+    ----------
+    atlas_file : str
+        The dseg atlas (``--atlas``, or the ``desc-HOparc`` dseg found by ``--atlas auto``).
+
+    Returns
+    -------
+    dict
+        ``File`` (its name) and ``Description``/``License`` taken, in this order, from a JSON
+        sidecar beside the atlas, the known ``desc-HOparc`` parcellation, or "configured by the
+        user" when nothing is known.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(atlas_file)
+    info = {"File": path.name}
+    sidecar = path.with_name(path.name.replace("".join(path.suffixes), ".json"))
+    meta: dict = {}
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            meta = {}
+    if isinstance(meta, dict) and meta.get("Description"):
+        info["Description"] = str(meta["Description"])
+        if meta.get("License"):
+            info["License"] = str(meta["License"])
+    elif "_desc-HOparc_" in path.name:
+        info.update(HOPARC_PROVENANCE)
+    else:
+        info["Description"] = "Atlas given with --atlas (its origin and licence are the user's)."
+    return info
 
 
 class _LesionFeaturesOutputSpec(TraitedSpec):
@@ -53,7 +106,7 @@ class LesionFeatures(SimpleInterface):
         from ..core.features import FeatureOptions, feature_dictionary, lesion_features
         from ..core.imageio import load_image
         from ..core.location import register_to_template, warp_labels_to_subject, warp_probability_to_subject
-        from ..derivatives import dumps_json
+        from ..derivatives import dumps_json, parse_bids_name
         from ..lesion_table import write_fragment
 
         inst_img = nib.load(self.inputs.instances_file)
@@ -87,6 +140,11 @@ class LesionFeatures(SimpleInterface):
         table = lesion_features(instances, n, affine, channels, mask, gm_prob, atlas_labels, lut, options,
                                 wm_prob=wm_prob, template_transform=transform)
         dictionary = feature_dictionary(table.columns, list(channels), options.rules)
+        atlas_info = atlas_provenance(self.inputs.atlas_file) if self.inputs.atlas_file else None
+        if atlas_info:
+            for column in ATLAS_COLUMNS:
+                if column in dictionary:
+                    dictionary[column] = dict(dictionary[column], Atlas=atlas_info["File"])
         tsv, js = write_fragment(table, dictionary, os.path.abspath("lesions_features"))
 
         records = []
@@ -94,10 +152,13 @@ class LesionFeatures(SimpleInterface):
         import SimpleITK as sitk
 
         sitk.WriteTransform(transform.to_sitk(), xfm)
+        # naming rule: the reference image's own BIDS suffix (e.g. UNIT1, T1w) names its space in
+        # every from-/space- entity of the session, as in ConformInputs' from-<ref>_to-<channel>
+        reference_suffix = parse_bids_name(self.inputs.reference_file)[1]
         records.append({"key": "template_xfm", "file": xfm, "sources": list(self.inputs.sources),
-                        "entities": {"from": "T1w" if "T1w" in self.inputs.channel_names else
-                                     self.inputs.channel_names[0], "to": transform.template},
-                        "metadata": {"Method": "affine (similarity then affine), Mattes MI, SimpleITK",
+                        "entities": {"from": reference_suffix, "to": transform.template},
+                        "metadata": {"FromFile": os.path.basename(self.inputs.reference_file),
+                                     "Method": "affine (similarity then affine), Mattes MI, SimpleITK",
                                      "Direction": "maps points of the subject's reference image to the template "
                                                   "(ITK convention, LPS)",
                                      "MattesMI": transform.metric}})
@@ -117,7 +178,7 @@ class LesionFeatures(SimpleInterface):
                                              "Method": "marching cubes on the lesion mask (skimage)"}})
         summary = {"features": {
             "template_registration_mattes_mi": transform.metric,
-            "atlas": os.path.basename(self.inputs.atlas_file) if self.inputs.atlas_file else None,
+            "atlas": atlas_info,
             "location_counts": (table["location_class"].fillna("unknown").value_counts().to_dict()
                                 if "location_class" in table.columns and len(table) else {}),
             "cortical_type_counts": (table["cortical_type"].fillna("unknown").value_counts().to_dict()
