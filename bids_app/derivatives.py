@@ -194,8 +194,42 @@ def dumps_json(data: Any) -> str:
     return json.dumps(convert(data), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def dataset_description(bids_dir: Path, version: str, source_description: dict | None = None) -> dict[str, Any]:
-    """The derivative dataset's ``dataset_description.json`` content."""
+#: the tool's own entry in ``Authors`` of the derivative dataset
+TOOL_AUTHORS = ("msxplain developers",)
+
+
+def dataset_authors(model_card: dict[str, Any] | None = None) -> list[str]:
+    """``Authors`` of the derivative dataset: the model card's authors, then the tool's.
+
+    Parameters
+    ----------
+    model_card : dict, optional
+        The raw model card; its ``authors`` (a list of names, or one string with names
+        separated by ``;``) are listed first, when it has any.
+
+    Returns
+    -------
+    list of str
+        One name per entry (BIDS), without duplicates, ending with ``TOOL_AUTHORS``.
+    """
+    names: list[str] = []
+    raw = (model_card or {}).get("authors") or []
+    if isinstance(raw, str):
+        raw = raw.split(";")
+    for name in list(raw) + list(TOOL_AUTHORS):
+        name = str(name.get("name", "") if isinstance(name, dict) else name).strip()
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def dataset_description(bids_dir: Path, version: str, source_description: dict | None = None,
+                        authors: list[str] | None = None) -> dict[str, Any]:
+    """The derivative dataset's ``dataset_description.json`` content.
+
+    ``authors`` (default: the tool's, :data:`TOOL_AUTHORS`) become ``Authors``; see
+    :func:`dataset_authors`.
+    """
     generated = {
         "Name": "msxplain",
         "Version": version,
@@ -214,6 +248,7 @@ def dataset_description(bids_dir: Path, version: str, source_description: dict |
         "Name": "msxplain derivatives",
         "BIDSVersion": DERIVATIVE_BIDS_VERSION,
         "DatasetType": "derivative",
+        "Authors": list(authors) if authors else list(TOOL_AUTHORS),
         "GeneratedBy": [generated],
         "DatasetLinks": {"raw": Path(os.path.abspath(bids_dir)).as_uri()},
     }
@@ -229,15 +264,28 @@ def dataset_description(bids_dir: Path, version: str, source_description: dict |
     return desc
 
 
-def write_dataset_files(output_dir: Path, bids_dir: Path, version: str) -> None:
-    """Write ``dataset_description.json``, ``.bidsignore`` and ``README`` atomically."""
+def write_dataset_files(output_dir: Path, bids_dir: Path, version: str, authors: list[str] | None = None) -> None:
+    """Write ``dataset_description.json``, ``.bidsignore`` and ``README`` atomically.
+
+    ``authors``: see :func:`dataset_authors` (the participant level passes the model card's).
+    Without them (the group level, which has no model), the ``Authors`` an earlier run wrote
+    into this output folder are kept.
+    """
     source = None
     try:
         source = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
     except (OSError, json.JSONDecodeError):
         pass
+    if not authors:
+        try:
+            previous = json.loads((Path(output_dir) / "dataset_description.json").read_text())
+            kept = previous.get("Authors") if isinstance(previous, dict) else None
+            if isinstance(kept, list) and all(isinstance(a, str) for a in kept):
+                authors = kept
+        except (OSError, json.JSONDecodeError):
+            pass
     atomic_write_text(output_dir / "dataset_description.json",
-                      dumps_json(dataset_description(bids_dir, version, source)))
+                      dumps_json(dataset_description(bids_dir, version, source, authors)))
     atomic_write_text(output_dir / ".bidsignore", "\n".join(io_spec()["bidsignore"]) + "\n")
     readme = output_dir / "README"
     if not readme.exists():
@@ -276,6 +324,37 @@ def _coerce_nifti(src: Path, dst: Path, suffix: str, dtype_name: str | None) -> 
     if np.issubdtype(data.dtype, np.floating):
         out.header.set_slope_inter(1.0, 0.0)
     nib.save(out, str(dst))
+
+
+def tsv_columns(path: str | os.PathLike) -> list[str]:
+    """The column names of a TSV file (its header line)."""
+    with open(path, encoding="utf-8") as handle:
+        header = handle.readline().rstrip("\n").rstrip("\r")
+    return header.split("\t") if header else []
+
+
+def lookup_column_definitions(key: str, columns: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Definitions (io_spec.json ``columns``) of the lookup-table columns of a dseg output.
+
+    They go into the JSON sidecar that the dseg image and its ``.tsv`` share (BIDS inheritance),
+    so that every column of the table is defined there.
+
+    Raises
+    ------
+    ValueError
+        A column that io_spec.json does not define for this output.
+    """
+    defined = output_spec(key).get("columns", {})
+    missing = [c for c in columns if c not in defined]
+    if missing:
+        raise ValueError(f"lookup table of output '{key}' has columns {missing} that data/io_spec.json does not "
+                         "define")
+    return {c: dict(defined[c]) for c in columns}
+
+
+def undefined_tsv_columns(columns: Iterable[str], sidecar: dict[str, Any]) -> list[str]:
+    """The columns of a TSV that its JSON sidecar does not define (a dict with a ``Description``)."""
+    return [c for c in columns if not (isinstance(sidecar.get(c), dict) and sidecar[c].get("Description"))]
 
 
 def resolve_record(record: dict[str, Any], output_dir: Path) -> Path:
@@ -348,6 +427,12 @@ def commit_records(records: list[dict[str, Any]], output_dir: Path, bids_dir: Pa
                 meta = sidecar_for(record, bids_dir, output_dir, common_metadata)
                 if spatial_reference and rel.name.endswith((".nii.gz", ".nii")):
                     meta.setdefault("SpatialReference", bids_uri(spatial_reference, bids_dir))
+                if record.get("lookup_table"):  # the dseg and its .tsv share this sidecar
+                    meta.update(lookup_column_definitions(record["key"], tsv_columns(record["lookup_table"])))
+                if rel.suffix == ".tsv":
+                    undefined = undefined_tsv_columns(tsv_columns(src), meta)
+                    if undefined:
+                        raise ValueError(f"{rel.name}: columns {undefined} have no definition in the sidecar")
                 (staging / sidecar_rel).write_text(dumps_json(meta))
                 moves.append((staging / sidecar_rel, output_dir / sidecar_rel))
             if record.get("lookup_table"):
