@@ -13,20 +13,22 @@ file                                        content
                                             ``participants.tsv``): counts, volumes,
                                             patient uncertainty, QC flags, evaluation
 ``group_lesions.tsv`` + ``.json``           every lesion of every session
-``group_summary.tsv``                       mean, median, bootstrap CI and SE of the session
+``group_summary.tsv`` + ``.json``           mean, median, bootstrap CI and SE of the session
                                             measures, overall and per site
-``group_detection.tsv``                     pooled and per-site (in/out of domain) lesion
+``group_detection.tsv`` + ``.json``         pooled and per-site (in/out of domain) lesion
                                             detection (with reference masks)
-``group_retention.tsv``                     patient-scale retention AUC/AAC per uncertainty
+``group_retention.tsv`` + ``.json``         patient-scale retention AUC/AAC per uncertainty
                                             measure and metric (with reference masks)
 ``group_regression.json``                   which lesion properties explain lesion
                                             uncertainty (ElasticNet + RFE, repeated CV)
-``group_icc.tsv``                           ICC(3,1) and ICC(3,k) of session measures across
+``group_icc.tsv`` + ``.json``               ICC(3,1) and ICC(3,k) of session measures across
                                             repeated sessions of the same subjects
 ``group_space-MNI152NLin2009cAsym_desc-``   fraction of sessions with a lesion at each
 ``lesionfrequency_probseg.nii.gz``          template voxel
 ``group_report.html``                       the group report (``bids_app.reports``)
 ==========================================  ================================================
+
+Every TSV has a JSON data dictionary beside it that defines each of its columns.
 """
 
 from __future__ import annotations
@@ -252,19 +254,24 @@ def run_group(config) -> int:
     LOGGER.info("Group level: %d session(s), %d lesion(s)", len(sessions), len(lesions))
     result = analyse(sessions, lesions, in_domain_sites=getattr(config.outputs, "in_domain_sites", None))
     group = out / "group"
-    atomic_write_text(group / "group_sessions.tsv", to_tsv(result.sessions))
-    atomic_write_text(group / "group_sessions.json", dumps_json(dictionary_for(result.sessions, _SESSION_DICT)))
-    atomic_write_text(group / "group_lesions.tsv", to_tsv(result.lesions))
-    atomic_write_text(group / "group_lesions.json", dumps_json(dictionary_for(result.lesions, _SESSION_DICT)))
-    atomic_write_text(group / "group_summary.tsv", to_tsv(result.summary))
+
+    def write_table(name: str, table: pd.DataFrame, extra: dict[str, dict]) -> None:
+        # every TSV with its data dictionary: each column defined in the JSON beside it
+        atomic_write_text(group / f"{name}.tsv", to_tsv(table))
+        atomic_write_text(group / f"{name}.json", dumps_json(dictionary_for(table, extra)))
+
+    write_table("group_sessions", result.sessions,
+                session_dictionary(result.sessions.columns, participants_dictionary(ex.bids_dir)))
+    write_table("group_lesions", result.lesions, {**lesion_dictionaries(out), **_SESSION_DICT})
+    write_table("group_summary", result.summary, _SUMMARY_DICT)
     if result.detection is not None:
-        atomic_write_text(group / "group_detection.tsv", to_tsv(result.detection))
+        write_table("group_detection", result.detection, _DETECTION_DICT)
     if result.retention is not None:
-        atomic_write_text(group / "group_retention.tsv", to_tsv(result.retention))
+        write_table("group_retention", result.retention, _RETENTION_DICT)
     if result.regression is not None:
         atomic_write_text(group / "group_regression.json", dumps_json(result.regression))
     if result.icc is not None:
-        atomic_write_text(group / "group_icc.tsv", to_tsv(result.icc))
+        write_table("group_icc", result.icc, _ICC_DICT)
     try:
         freq, affine = lesion_frequency(out, result.sessions)
     except MissingInput as exc:
@@ -303,3 +310,141 @@ _SESSION_DICT: dict[str, dict] = {
                                 "poor_registration_<channel>), or none."},
     "model_id": {"Description": "Model card id."},
 }
+
+_GROUPING_DICT: dict[str, dict] = {
+    "group_by": {"Description": "Grouping column of this row: all (every session), site or domain."},
+    "group": {"Description": "Value of the grouping column (all for the whole cohort)."},
+}
+_SUMMARY_DICT: dict[str, dict] = {
+    **_GROUPING_DICT,
+    "variable": {"Description": "Session measure summarised (a column of group_sessions.tsv)."},
+    "n": {"Description": "Number of sessions with a finite value."},
+    "mean": {"Description": "Mean over the sessions (units of the variable)."},
+    "sd": {"Description": "Sample standard deviation (ddof = 1; n/a for one session)."},
+    "median": {"Description": "Median over the sessions."},
+    "ci_low": {"Description": "Lower bound of the 95 % bootstrap confidence interval of the mean (percentile)."},
+    "ci_high": {"Description": "Upper bound of the 95 % bootstrap confidence interval of the mean (percentile)."},
+    "se": {"Description": "Bootstrap standard error of the mean (half-size resamples)."},
+}
+_DETECTION_DICT: dict[str, dict] = {
+    **_GROUPING_DICT,
+    "n_sessions": {"Description": "Number of evaluated sessions pooled in this row."},
+    "TPL": {"Description": "Pooled true positive lesions (predicted lesions matching a reference lesion)."},
+    "FPL": {"Description": "Pooled false positive lesions."},
+    "USL": {"Description": "Pooled under-segmented lesions (0 < overlap score < detection threshold)."},
+    "FNL": {"Description": "Pooled false negative (missed) reference lesions."},
+    "F1": {"Description": "Lesion-wise F1 of the pooled counts.", "Units": "1"},
+    "recall": {"Description": "Lesion-wise recall (sensitivity) of the pooled counts.", "Units": "1"},
+    "precision": {"Description": "Lesion-wise precision of the pooled counts.", "Units": "1"},
+    "USL_rate": {"Description": "Fraction of predicted lesions that are under-segmented.", "Units": "1"},
+}
+_RETENTION_DICT: dict[str, dict] = {
+    **_GROUPING_DICT,
+    "uncertainty": {"Description": "Patient-scale uncertainty measure that orders the sessions (a group_sessions "
+                                   "column)."},
+    "metric": {"Description": "Session metric of the retention curve (a group_sessions column)."},
+    "n": {"Description": "Number of sessions with finite uncertainty and metric."},
+    "auc": {"Description": "Area under the retention curve: sessions replaced (metric = 1) from the most "
+                           "uncertain down."},
+    "aac": {"Description": "Area above the retention curve (1 - auc)."},
+    "auc_random": {"Description": "Expected area for a random order ((mean metric + 1) / 2)."},
+    "auc_ideal": {"Description": "Area for the ideal order (sessions replaced from the worst metric up)."},
+}
+_ICC_DICT: dict[str, dict] = {
+    "feature": {"Description": "Session measure whose reliability across repeated sessions is assessed."},
+    "ICC3_1": {"Description": "ICC(3,1): two-way mixed effects, consistency, single session (Shrout & Fleiss "
+                             "1979).", "Units": "1"},
+    "ICC3_k": {"Description": "ICC(3,k): as ICC3_1 for the mean of k sessions.", "Units": "1"},
+    "F": {"Description": "F statistic of the subjects effect (MS_R / MS_E)."},
+    "df1": {"Description": "Numerator degrees of freedom (n_targets - 1)."},
+    "df2": {"Description": "Denominator degrees of freedom ((n_targets - 1)(n_raters - 1))."},
+    "pval": {"Description": "p-value of the F test (ICC > 0)."},
+    "ICC3_1_ci_low": {"Description": "Lower bound of the 95 % confidence interval of ICC3_1 (F distribution)."},
+    "ICC3_1_ci_high": {"Description": "Upper bound of the 95 % confidence interval of ICC3_1."},
+    "ICC3_k_ci_low": {"Description": "Lower bound of the 95 % confidence interval of ICC3_k."},
+    "ICC3_k_ci_high": {"Description": "Upper bound of the 95 % confidence interval of ICC3_k."},
+    "MS_R": {"Description": "Mean square of the subjects (rows)."},
+    "MS_C": {"Description": "Mean square of the sessions (columns)."},
+    "MS_E": {"Description": "Residual mean square."},
+    "n_targets": {"Description": "Number of participants with every session."},
+    "n_raters": {"Description": "Number of sessions per participant."},
+    "n_dropped_targets": {"Description": "Participants left out for a missing session or value."},
+}
+
+
+def participants_dictionary(bids_dir: Path) -> dict[str, dict]:
+    """The column definitions of the input dataset's ``participants.json`` (empty without one)."""
+    try:
+        data = json.loads((Path(bids_dir) / "participants.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict) and v.get("Description")} \
+        if isinstance(data, dict) else {}
+
+
+def session_dictionary(columns, participants: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Data dictionary of ``group_sessions.tsv``: fixed columns, the input dataset's
+    ``participants.json`` definitions, then the column families (``n_<class>``,
+    ``volume_<class>_mm3``, ``unc_<measure>``, ``eval_<class>_<metric>``)."""
+    import re
+
+    entries = dict(_SESSION_DICT)
+    for column in columns:
+        if column in entries:
+            continue
+        if participants and column in participants:
+            entries[column] = participants[column]
+            continue
+        if m := re.fullmatch(r"n_(\w+)", column):
+            entries[column] = {"Description": f"Number of predicted lesions of class {m.group(1)}."}
+        elif m := re.fullmatch(r"volume_(\w+)_mm3", column):
+            entries[column] = {"Description": f"Predicted lesion volume of class {m.group(1)}.", "Units": "mm^3"}
+        elif column.startswith("unc_"):
+            entries[column] = {"Description": f"Patient-scale uncertainty measure {column[4:]} of the session "
+                                              "(uncertainty block of the session summary; docs/uncertainty.md)."}
+        elif column.startswith("eval_"):
+            entries[column] = {"Description": _evaluation_description(column[5:])}
+        elif column == "brain_volume_litres":
+            entries[column] = {"Description": "Brain-mask volume.", "Units": "L"}
+        else:
+            entries[column] = {"Description": f"{column}, from participants.tsv of the input dataset."}
+    return entries
+
+
+#: metrics of the session evaluation (evaluation block of the session summary)
+_EVAL_METRICS = {
+    "DSC": "Dice similarity coefficient (voxels)", "nDSC": "normalised DSC (reference lesion load r of the card)",
+    "F1": "lesion-wise F1", "recall": "lesion-wise recall", "precision": "lesion-wise precision",
+    "TPL": "true positive lesions", "FPL": "false positive lesions", "USL": "under-segmented lesions",
+    "FNL": "missed reference lesions", "USL_rate": "fraction of predicted lesions that are under-segmented",
+    "TPRvox": "voxel true positive rate", "FPRvox": "voxel false positive rate",
+    "FDRvox": "voxel false discovery rate", "n_pred": "number of predicted lesions",
+    "n_ref": "number of reference lesions", "CE": "mean calibration gap over the probability bins",
+    "ECE": "expected calibration error", "MCE": "maximum calibration error", "Brier": "Brier score",
+    "n_bins": "number of probability bins of the calibration metrics",
+}
+
+
+def _evaluation_description(name: str) -> str:
+    """Description of an ``eval_<class|all>_<metric>`` (or ``eval_<setting>``) column."""
+    scope, _, metric = name.partition("_")
+    if metric in _EVAL_METRICS:
+        where = "all lesion classes" if scope == "all" else f"lesion class {scope}"
+        return f"Evaluation against the reference masks, {where}: {_EVAL_METRICS[metric]}."
+    return (f"Evaluation against the reference masks: {name.replace('_', ' ')} (evaluation block of the "
+            "session summary).")
+
+
+def lesion_dictionaries(output_dir: Path) -> dict[str, dict]:
+    """The column definitions of the participants' lesion tables (their ``*_lesions.json``),
+    merged (the first definition of a column wins); keys that are not columns are left out."""
+    merged: dict[str, dict] = {}
+    for path in sorted(Path(output_dir).glob("sub-*/**/anat/*_lesions.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for column, entry in data.items():
+            if isinstance(entry, dict) and "Description" in entry and column not in merged:
+                merged[column] = entry
+    return merged
