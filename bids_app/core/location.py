@@ -14,7 +14,9 @@
   arrays plus affines; :func:`lesion_frequency_map` accumulates warped lesion masks.
 * **Atlas.** The atlas is configuration, never bundled: a dseg image plus a lookup table with
   columns ``index``, ``name``, ``location_class`` (``index`` may be a range ``"101-196"``);
-  :func:`parse_atlas_lut` reads the table's DataFrame.
+  :func:`parse_atlas_lut` reads the table's DataFrame. The ``desc-HOparc`` dseg used in the
+  tests is named like a TemplateFlow file but is not one: niworkflows 0.0.5 derived it from the
+  FSL Harvard-Oxford atlases, which carry FSL's licence.
 * **Rules.** :class:`LocationRules` holds every threshold of the cortical-involvement types and
   of the location classes; :func:`cortical_type` and :func:`location_class` apply them to
   per-lesion arrays (vectorised). ``docs/features.md`` documents them.
