@@ -386,7 +386,7 @@ def overlay_mosaic(background: np.ndarray, overlay: np.ndarray, slices: Sequence
     """A map (probability, uncertainty) over an anatomical image in axial slices, with a colour bar."""
     plt = _plt()
     box = bounding_box(brain if brain is not None and np.any(brain) else background > 0, margin=3)
-    fig, axes = plt.subplots(1, len(slices), figsize=(3.2 * len(slices), 3.6), squeeze=False, facecolor="black")
+    fig, axes = plt.subplots(1, len(slices), figsize=(4.0 * len(slices), 4.4), squeeze=False, facecolor="black")
     lo, hi = _robust_limits(background, brain)
     vmax = float(np.nanmax(overlay)) if vmax is None else vmax
     vmin = 0.0 if vmin is None else vmin

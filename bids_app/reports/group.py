@@ -104,7 +104,7 @@ def write_group_report(output_dir: Path, result) -> Path:
                               "lesion uncertainty (LSU) vs size", "volume (mm³)", "LSU", logx=True)
         parts.append(f"<img alt='uncertainty vs size' src='{uri}'>")
     if result.retention_curves:
-        items = list(result.retention_curves.items())[:9]
+        items = list(result.retention_curves.items())[:12]
         keys = [[str(k) for k in (key if isinstance(key, tuple) else (key,))] for key, _ in items]
         shared = 0  # leading name parts common to every curve (e.g. "all / all") say nothing
         while keys and len(keys[0]) - shared > 1 and all(len(k) > shared + 1 and k[shared] == keys[0][shared]
@@ -116,6 +116,8 @@ def write_group_report(output_dir: Path, result) -> Path:
         uri = figures.curves(series, "metric when the most uncertain patients are replaced by perfect scores",
                              "retained fraction", "mean metric", caveat=caveat)
         parts.append(f"<img alt='retention curves' src='{uri}'>")
+        parts.append("<p class='small'>One panel per metric, one numbered line per uncertainty measure; lines that "
+                     "coincide rank the patients alike.</p>")
     if result.retention is not None:
         parts.append(table(result.retention.to_dict(orient="records"), list(result.retention.columns)))
     if result.detection is not None:

@@ -169,8 +169,8 @@ def _lesion_figure(anat: Path, prefix: str, output_dir: Path, images: dict, zoom
     cuts = figures.choose_cuts(outline > 0, N_CUTS, brain, zooms)
     figure = figures.three_plane_figure(background, outline, cuts, legend, zooms, brain, title=title)
     parts.append(f"<img alt='lesions in three planes (axial, coronal, sagittal)' src='{figure}'>")
-    parts.append("<p class='small'>Rows: axial, coronal, sagittal slices through the highest lesion load; "
-                 "neurological convention (L/R marked on each slice); scale bar 10 mm.</p>")
+    parts.append("<p class='small'>Rows: axial, coronal, sagittal slices, chosen to cut as many different lesions "
+                 "as possible; neurological convention (L/R marked on each slice); scale bar 10 mm.</p>")
     return parts, cuts, label_colours
 
 
