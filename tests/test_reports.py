@@ -307,3 +307,11 @@ def write_group(tmp_path: Path) -> Path:
     from bids_app.reports.group import write_group_report
 
     return write_group_report(tmp_path, _group_result(2))
+
+
+def test_three_plane_figure_without_lesions_shows_evenly_spaced_slices():
+    image, brain = brain_volume()
+    cuts = figures.choose_cuts(np.zeros(SHAPE, bool), 3, brain)
+    fig = figures.three_plane_fig(image, np.zeros(SHAPE, np.uint8), cuts, {1: ("#ffd700", "WML")}, brain=brain)
+    assert not fig.legends  # nothing outlined, no legend entry
+    assert sum(1 for ax in fig.axes if ax.images) == 9
