@@ -318,8 +318,31 @@ def find_trainer_dirs(root: Path) -> list[Path]:
     return found
 
 
+def is_model_name(spec: str) -> bool:
+    """True when ``spec`` is written like a model name (a bare word), not like a path."""
+    return bool(spec) and "/" not in spec and os.sep not in spec and not spec.startswith((".", "~")) \
+        and not spec.lower().endswith(".zip")
+
+
+def find_named_model(name: str) -> Path | None:
+    """The folder of a bundled or installed model called ``name`` (``$MSXPLAIN_MODELS`` first,
+    then the models bundled in the package), or None."""
+    if not is_model_name(name):
+        return None
+    for d in model_search_dirs():
+        if (d / name).is_dir():
+            return (d / name).resolve()
+    return None
+
+
 def resolve_model(spec: str, *, card_path: Path | None = None, cache_dir: Path | None = None) -> ResolvedModel:
     """Turn ``--model NAME|DIR|ZIP`` into a :class:`ResolvedModel`.
+
+    Model **names resolve first**: a bare word (no ``/``, not starting with ``.`` or ``~``,
+    not ending in ``.zip``) that names a bundled or installed model is that model, even when
+    the current folder holds a folder of the same name (e.g. ``demo/`` from an earlier demo
+    run). A folder or archive is therefore given as a path (``./demo``, ``/models/x.zip``); a
+    bare word that names no model but an existing folder or archive is still taken as a path.
 
     Raises
     ------
@@ -329,7 +352,12 @@ def resolve_model(spec: str, *, card_path: Path | None = None, cache_dir: Path |
         Unsafe or corrupt archive; invalid card; several models in one folder.
     """
     path = Path(spec).expanduser()
-    if path.is_file() and zipfile.is_zipfile(path):
+    root = find_named_model(spec)
+    if root is not None:
+        if path.exists() and path.resolve() != root:
+            LOGGER.info("--model %s: the %s model (model names take precedence over folders; write ./%s "
+                        "for the folder)", spec, spec, spec)
+    elif path.is_file() and zipfile.is_zipfile(path):
         root = extract_model_archive(path, cache_dir or default_cache_dir())
     elif path.is_file():
         raise BadInputData("Model file is not a zip archive.", path=str(path),
@@ -337,16 +365,9 @@ def resolve_model(spec: str, *, card_path: Path | None = None, cache_dir: Path |
     elif path.is_dir():
         root = path.resolve()
     else:
-        root = None
-        if os.sep not in spec and "/" not in spec:
-            for d in model_search_dirs():
-                if (d / spec).is_dir():
-                    root = (d / spec).resolve()
-                    break
-        if root is None:
-            names = ", ".join(available_model_names()) or "none"
-            raise MissingInput(f"Model '{spec}' not found (bundled or installed models: {names}).",
-                               hint="pass a model name, an nnU-Net model folder or a zip archive with --model.")
+        names = ", ".join(available_model_names()) or "none"
+        raise MissingInput(f"Model '{spec}' not found (bundled or installed models: {names}).",
+                           hint="pass a model name, an nnU-Net model folder or a zip archive with --model.")
     trainer_dirs = find_trainer_dirs(root)
     if not trainer_dirs:
         raise MissingInput("No nnU-Net trained model (plans.json + dataset.json + fold_*/) found.", path=str(root),
