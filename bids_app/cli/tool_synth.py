@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "nothing is downloaded)")
     parser.add_argument("--lesion-masks", default=None, metavar="DIR",
                         help="open_ms_data cross_sectional/MNI folder with patientNN/GOLD_STANDARD*.nii.gz "
-                             "(default: $MSXPLAIN_LESION_MASKS or the checkout's ../shared/data copy)")
+                             "(default: $MSXPLAIN_LESION_MASKS, else the 28 open_ms_data masks bundled with msxplain)")
     parser.add_argument("--exclude-patients", default="patient07", metavar="LIST",
                         help="comma-separated lesion-library patients to leave out (default patient07, the real "
                              "held-out case; 'none' keeps all)")

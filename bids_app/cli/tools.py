@@ -24,6 +24,7 @@ TOOL_MODULES: dict[str, tuple[str, str]] = {
     "rerun": (".tool_rerun", "repeat a recorded msxplain run (logs/config-<run>.json) exactly"),
     "train-demo": (".tool_train_demo", "train the demo nnU-Net ensemble on synthetic data (the bundled model's recipe)"),
     "train-refiner": (".tool_train_refiner", "train the saliency-radiomics TP/FP lesion classifier on outputs with reference masks"),
+    "fetch-templates": (".tool_fetch_templates", "fetch the TemplateFlow templates msxplain uses into the cache (once, for offline runs)"),
 }
 
 

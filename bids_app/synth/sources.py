@@ -2,12 +2,11 @@
 
 * **Anatomy**: MNI ICBM152 2009c nonlinear asymmetric (``MNI152NLin2009cAsym``): the head
   T1w, the brain mask and the GM/WM/CSF probabilistic segmentations, at ``res-01`` (1 mm,
-  193x229x193) or ``res-02`` (2 mm, 97x115x97). Files are resolved through TemplateFlow's
-  API when ``TEMPLATEFLOW_HOME`` points to a local copy, or read from an explicit folder
-  (``--templates DIR``). Nothing is ever downloaded: a file that is absent or an empty
-  TemplateFlow placeholder raises :class:`~bids_app.errors.MissingInput` *before* the API
-  could try to fetch it.
-* **Lesion shapes**: the expert-consensus white-matter lesion masks of the 3D MR image
+  193x229x193) or ``res-02`` (2 mm, 97x115x97). Files come from :mod:`bids_app.templates`
+  (the TemplateFlow cache, fetched once on first use unless offline), or from an explicit
+  folder (``--templates DIR``), which is never completed from the network.
+* **Lesion shapes**: bundled with the package (``bids_app/data/lesion_masks``), the expert-consensus
+  white-matter lesion masks of the 3D MR image
   database of MS patients (Lesjak et al., Neuroinformatics 2017, doi:10.1007/s12021-017-9348-7,
   CC-BY), registered to the FSL MNI152 1 mm grid (182x218x182, LAS). Each mask is split
   into 26-connected components; every component is kept as the world coordinates (mm) of
@@ -59,9 +58,8 @@ MNI2009C = (
 )
 
 
-def _repo_shared_data() -> Path:
-    """``<checkout>/../shared/data`` (the project's read-only data folder in a source checkout)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+#: the lesion masks bundled with the package (CC-BY; README.md and LICENSE.txt beside them)
+BUNDLED_LESION_DIR = Path(__file__).resolve().parents[1] / "data" / "lesion_masks"
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,15 +104,6 @@ def _native_resolution(resolution_mm: float) -> int:
     return 1 if resolution_mm < 2.0 - 1e-6 else 2
 
 
-def _template_filename(res: int, entities: dict[str, str | None]) -> str:
-    parts = [f"tpl-{TEMPLATE}", f"res-{res:02d}"]
-    if entities.get("label"):
-        parts.append(f"label-{entities['label']}")
-    if entities.get("desc"):
-        parts.append(f"desc-{entities['desc']}")
-    return "_".join(parts) + f"_{entities['suffix']}.nii.gz"
-
-
 def resolve_template_files(resolution: int, templates_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Find the five template files of one native resolution (1 or 2 mm).
 
@@ -123,8 +112,9 @@ def resolve_template_files(resolution: int, templates_dir: str | os.PathLike | N
     resolution : {1, 2}
     templates_dir : path-like, optional
         A folder holding ``tpl-MNI152NLin2009cAsym/`` (a TemplateFlow home) or the files
-        themselves. When given it wins; otherwise ``TEMPLATEFLOW_HOME`` is used through
-        ``templateflow.api.get(..., raise_empty=True)``.
+        themselves. When given it wins and nothing is fetched; otherwise the files come from
+        :func:`bids_app.templates.template_file` (the TemplateFlow cache, fetched on first use
+        unless offline).
 
     Returns
     -------
@@ -133,59 +123,25 @@ def resolve_template_files(resolution: int, templates_dir: str | os.PathLike | N
     Raises
     ------
     MissingInput
-        Neither source holds the files (or TemplateFlow has only empty placeholders).
+        The files are not in ``templates_dir``, or not in the cache and cannot be fetched.
     """
-    files: dict[str, Path] = {}
-    if templates_dir is not None:
-        base = Path(templates_dir).expanduser()
-        if not base.is_dir():
-            raise MissingInput("Template folder does not exist.", path=str(base),
-                               hint=f"pass --templates DIR with DIR/tpl-{TEMPLATE}/ (a TemplateFlow home copy).")
-        folder = base / f"tpl-{TEMPLATE}" if (base / f"tpl-{TEMPLATE}").is_dir() else base
-        for key, entities in TEMPLATE_FILES.items():
-            path = folder / _template_filename(resolution, entities)
-            if not path.is_file() or path.stat().st_size == 0:
-                raise MissingInput(f"Template file {path.name} is missing or empty.", path=str(folder),
-                                   hint=f"copy the res-{resolution:02d} files of tpl-{TEMPLATE} there.")
-            files[key] = path
-        return files
+    from ..templates import template_file, template_filename
 
-    home = os.environ.get("TEMPLATEFLOW_HOME")
-    if not home or not Path(home).is_dir():
-        raise MissingInput(
-            f"No {TEMPLATE} template: TEMPLATEFLOW_HOME is not set to an existing folder and --templates was not given.",
-            hint="set TEMPLATEFLOW_HOME to a local TemplateFlow copy or pass --templates DIR (nothing is downloaded).",
-        )
-    folder = Path(home) / f"tpl-{TEMPLATE}"
+    if templates_dir is None:
+        return {key: template_file(TEMPLATE, resolution=resolution, **entities)
+                for key, entities in TEMPLATE_FILES.items()}
+    base = Path(templates_dir).expanduser()
+    if not base.is_dir():
+        raise MissingInput("Template folder does not exist.", path=str(base),
+                           hint=f"pass --templates DIR with DIR/tpl-{TEMPLATE}/ (a TemplateFlow home copy).")
+    folder = base / f"tpl-{TEMPLATE}" if (base / f"tpl-{TEMPLATE}").is_dir() else base
+    files: dict[str, Path] = {}
     for key, entities in TEMPLATE_FILES.items():
-        # check locally first: TemplateFlow would try to download an absent/placeholder file
-        expected = folder / _template_filename(resolution, entities)
-        if not expected.is_file() or expected.stat().st_size == 0:
-            raise MissingInput(f"Template file {expected.name} is not available locally.", path=str(folder),
-                               hint="copy the template into TEMPLATEFLOW_HOME or pass --templates DIR (nothing is downloaded).")
-    try:
-        from templateflow import api as tf_api
-        from templateflow import conf as tf_conf
-    except ImportError as exc:  # pragma: no cover - templateflow is a dependency
-        raise MissingInput("templateflow is not installed.", hint="pass --templates DIR.") from exc
-    configured = Path(str(tf_conf.TF_HOME)).expanduser().resolve()
-    if configured != Path(home).expanduser().resolve():
-        # templateflow was imported while another home was set: asking its API now could try
-        # to download that home's placeholders. The files of TEMPLATEFLOW_HOME are checked.
-        return {key: folder / _template_filename(resolution, entities) for key, entities in TEMPLATE_FILES.items()}
-    for key, entities in TEMPLATE_FILES.items():
-        query = {k: v for k, v in entities.items()}
-        try:
-            found = tf_api.get(TEMPLATE, resolution=resolution, raise_empty=True, extension=".nii.gz", **query)
-        except Exception as exc:  # templateflow raises plain Exception when nothing matches
-            raise MissingInput(f"TemplateFlow found no {TEMPLATE} res-{resolution:02d} {key} file ({exc}).",
-                               path=str(folder), hint="pass --templates DIR.") from exc
-        if isinstance(found, list):
-            if len(found) != 1:
-                raise MissingInput(f"TemplateFlow query for {key} is ambiguous ({len(found)} files).",
-                                   path=str(folder), hint="pass --templates DIR.")
-            found = found[0]
-        files[key] = Path(found)
+        path = folder / template_filename(TEMPLATE, resolution=resolution, **entities)
+        if not path.is_file() or path.stat().st_size == 0:
+            raise MissingInput(f"Template file {path.name} is missing or empty.", path=str(folder),
+                               hint=f"copy the res-{resolution:02d} files of tpl-{TEMPLATE} there.")
+        files[key] = path
     return files
 
 
@@ -433,13 +389,11 @@ def build_lesion_library(
     return lib
 
 
-def default_lesion_dir() -> Path | None:
-    """``$MSXPLAIN_LESION_MASKS`` or ``<checkout>/../shared/data/open_ms_data/cross_sectional/MNI``."""
+def default_lesion_dir() -> Path:
+    """``$MSXPLAIN_LESION_MASKS``, else the masks bundled with the package
+    (:data:`BUNDLED_LESION_DIR`, the 28 open_ms_data cross-sectional MNI masks)."""
     env = os.environ.get("MSXPLAIN_LESION_MASKS")
-    if env:
-        return Path(env)
-    candidate = _repo_shared_data() / "open_ms_data" / "cross_sectional" / "MNI"
-    return candidate if candidate.is_dir() else None
+    return Path(env) if env else BUNDLED_LESION_DIR
 
 
 def find_lesion_masks(lesion_dir: str | os.PathLike) -> dict[str, Path]:
@@ -495,9 +449,6 @@ def load_lesion_library(
     """
     if lesion_dir is None:
         lesion_dir = default_lesion_dir()
-        if lesion_dir is None:
-            raise MissingInput("The real lesion masks (open_ms_data cross_sectional/MNI) were not found.",
-                               hint="pass --lesion-masks DIR or set MSXPLAIN_LESION_MASKS.")
     found = find_lesion_masks(lesion_dir)
     excluded = tuple(sorted({str(e).strip() for e in exclude if str(e).strip()}))
     kept = {k: v for k, v in found.items() if k not in excluded}
