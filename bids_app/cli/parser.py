@@ -30,6 +30,31 @@ class UsageArgumentParser(argparse.ArgumentParser):
         self.exit(code, f"{self.prog}: error: {message}\n")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Append ``(default: X)`` once, and only where it reads right.
+
+    argparse's ``ArgumentDefaultsHelpFormatter`` prints ``(default: True)`` after a switch
+    such as ``--no-tta`` (which reads as "TTA off by default"), ``(default: None)`` after
+    options whose text already says what happens when they are absent, and a second default
+    after texts that state one. Here switches (``store_true``/``store_false``/``count``) and
+    options without a default never get the suffix, and a help text that says "default"
+    itself is left as written.
+    """
+
+    _SWITCHES = (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._CountAction,
+                 argparse._HelpAction, argparse._VersionAction)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (isinstance(action, self._SWITCHES) or action.default in (None, argparse.SUPPRESS)
+                or not action.option_strings or "default" in text.lower()):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {default})"
+
+
 def _strip_prefix(prefix: str):
     def convert(value: str) -> str:
         value = value.strip()
@@ -142,7 +167,7 @@ def build_parser() -> UsageArgumentParser:
             "nnU-Net ensemble, and say per voxel, lesion and patient how certain the model is "
             "and why it decided. Writes BIDS derivatives with provenance."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
@@ -157,12 +182,12 @@ def build_parser() -> UsageArgumentParser:
     sel.add_argument(
         "--participant-label", "--participant_label", dest="participant_label", nargs="+",
         type=_strip_prefix("sub-"), metavar="LABEL",
-        help="participants to process (the 'sub-' prefix is optional); default: all",
+        help="participants to process (the 'sub-' prefix is optional) (default: all)",
     )
     sel.add_argument(
         "--session-label", "--session_label", dest="session_label", nargs="+",
         type=_strip_prefix("ses-"), metavar="LABEL",
-        help="sessions to process (the 'ses-' prefix is optional); default: all",
+        help="sessions to process (the 'ses-' prefix is optional) (default: all)",
     )
     sel.add_argument(
         "--bids-filter-file", "--bids_filter_file", dest="bids_filters", type=_filter_file, metavar="FILE",
@@ -182,8 +207,9 @@ def build_parser() -> UsageArgumentParser:
     model = parser.add_argument_group("Model and post-processing")
     model.add_argument(
         "--model", default="demo", metavar="NAME|DIR|ZIP",
-        help="a bundled model name, a model folder (nnU-Net results folder with an msxplain "
-        "model card) or an nnUNetv2_export_model_to_zip archive",
+        help="a bundled or installed model name (model names are looked up first: give a folder or zip as "
+        "a path, e.g. ./mymodel), a model folder (nnU-Net results folder with an msxplain model card) or an "
+        "nnUNetv2_export_model_to_zip archive (default: demo, the bundled demo model, trained on synthetic data only)",
     )
     model.add_argument(
         "--model-card", dest="model_card", type=Path, metavar="FILE",
@@ -192,15 +218,17 @@ def build_parser() -> UsageArgumentParser:
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where the networks run; auto picks CUDA when a GPU is visible")
     model.add_argument("--folds", nargs="+", metavar="FOLD",
-                       help="ensemble members (fold names) to use; default: all in the model card")
+                       help="ensemble members (fold names) to use (default: all of the model card's)")
     model.add_argument("--no-tta", dest="tta", action="store_false",
-                       help="disable test-time mirroring (8x faster, slightly less accurate)")
+                       help="turn test-time augmentation off. TTA (mirroring over the axes the model allows, up "
+                       "to 8 passes per member) is ON by default; --no-tta makes prediction up to 8x faster on a "
+                       "CPU and slightly less accurate")
     model.add_argument("--threshold", type=probability, metavar="P",
-                       help="lesion probability threshold; default: the model card's")
+                       help="lesion probability threshold (default: the model card's)")
     model.add_argument("--min-lesion-size", dest="min_lesion_size", type=positive_int, metavar="VOXELS",
-                       help="smallest lesion kept, in voxels; default: the model card's")
+                       help="smallest lesion kept, in voxels (default: the model card's)")
     model.add_argument("--connectivity", type=int, choices=(6, 18, 26),
-                       help="voxel connectivity that defines a lesion; default: the model card's")
+                       help="voxel connectivity that defines a lesion (default: the model card's)")
     model.add_argument("--skull-stripped", dest="skull_stripped", choices=("auto", "yes", "no"), default="auto",
                        help="are the inputs skull-stripped? auto: decide from the image (exact zeros outside a "
                        "brain-sized volume); no: build a brain mask by registering the MNI template")
@@ -225,12 +253,14 @@ def build_parser() -> UsageArgumentParser:
 
     feat = parser.add_argument_group("Lesion features")
     feat.add_argument("--no-lesion-features", dest="lesion_features", action="store_false",
-                      help="skip the lesion features (shape, intensity, cortical involvement, MNI location)")
+                      help="skip the lesion features (shape, intensity, cortical involvement, MNI location), "
+                      "which are computed by default")
     feat.add_argument("--atlas", default="auto", metavar="DSEG|auto|none",
-                      help="dseg atlas on the MNI152NLin2009cAsym grid for lesion location classes; auto: "
-                      "TemplateFlow's desc-HOparc when present locally")
+                      help="dseg atlas on the MNI152NLin2009cAsym grid for lesion location classes; auto "
+                      "(default): a desc-HOparc dseg (a Harvard-Oxford-derived parcellation, not distributed by "
+                      "TemplateFlow) when the local TemplateFlow folder holds one, else no atlas; none: no atlas")
     feat.add_argument("--atlas-lut", dest="atlas_lut", metavar="TSV",
-                      help="atlas lookup table (columns index, name, location_class); default: the .tsv beside it")
+                      help="atlas lookup table (columns index, name, location_class) (default: the .tsv beside the atlas)")
     feat.add_argument("--export-meshes", dest="export_meshes", action="store_true",
                       help="write one STL surface mesh per lesion (scanner RAS+ mm)")
 
@@ -249,7 +279,7 @@ def build_parser() -> UsageArgumentParser:
                       help="context kept around each lesion in its crop, in mm (default: the refiner's training "
                       "setting, else measured from the network's effective receptive field)")
     expl.add_argument("--explain-max-lesions", dest="explain_max_lesions", type=number(int, ge=0), default=0,
-                      metavar="N", help="explain only the N largest lesions of a session (0: all; default)")
+                      metavar="N", help="explain only the N largest lesions of a session; 0 explains all (default: 0)")
     expl.add_argument("--refiner", metavar="FILE|none",
                       help="saliency-radiomics TP/FP classifier (JSON from msxplain-tools train-refiner) giving "
                       "p_true_lesion in the lesion table (implies --explain); default with --explain: the one "
@@ -261,14 +291,14 @@ def build_parser() -> UsageArgumentParser:
 
     perf = parser.add_argument_group("Performance and execution")
     perf.add_argument("-w", "--work-dir", dest="work_dir", type=Path, metavar="DIR",
-                      help="Nipype working directory (re-use it to resume); default: OUTPUT_DIR/../work "
-                      "is not used: ./work")
+                      help="Nipype working directory; re-use it to resume an interrupted run (default: ./work, "
+                      "in the current folder)")
     perf.add_argument("--nprocs", "--nthreads", "--n-cpus", dest="nprocs", type=positive_int, metavar="N",
-                      help="maximum number of parallel processes; default: CPUs available")
+                      help="maximum number of parallel processes (default: the CPUs this process may use)")
     perf.add_argument("--omp-nthreads", dest="omp_nthreads", type=positive_int, metavar="N",
-                      help="threads per process (torch); default: min(nprocs, 8)")
+                      help="threads per process (torch) (default: the smaller of --nprocs and 8)")
     perf.add_argument("--mem", "--mem-gb", dest="mem_gb", type=parse_memory_gb, metavar="SIZE",
-                      help="memory cap for the scheduler (GB, or e.g. 16G / 16000MB)")
+                      help="memory cap for the scheduler, GB or e.g. 16G / 16000MB (default: no cap)")
     perf.add_argument("--plugin", choices=("MultiProc", "Linear", "SLURM", "SLURMGraph"), default="MultiProc",
                       help="Nipype execution plugin")
     perf.add_argument("--plugin-args", dest="plugin_args", type=_plugin_args, metavar="JSON",
@@ -280,7 +310,12 @@ def build_parser() -> UsageArgumentParser:
                       help="only (re)build the HTML reports from existing outputs")
     perf.add_argument("--write-graph", dest="write_graph", action="store_true",
                       help="write the workflow graph (needs graphviz)")
-    perf.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    perf.add_argument("--offline", action="store_true",
+                      help="never use the network: templates must already be in the TemplateFlow cache "
+                      "(msxplain-tools fetch-templates fills it); setting TEMPLATEFLOW_HOME has the same effect")
+    perf.add_argument("-v", "--verbose", action="count", default=0,
+                      help="more output on the console: -v adds Nipype's node messages (always in the run's log "
+                      "file), -vv debug messages")
     perf.add_argument("--notrack", action="store_true", help=argparse.SUPPRESS)  # NiPreps muscle memory
 
     return parser

@@ -28,26 +28,9 @@ from ..errors import (
 LOGGER = logging.getLogger("bids_app")
 
 
-def _setup_logging(verbosity: int) -> None:
-    level = logging.DEBUG if verbosity >= 2 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s | %(levelname)-7s | %(name)s | %(message)s",
-                        datefmt="%H:%M:%S", force=True)
-    logging.getLogger("bids").setLevel(logging.WARNING)
-
-
-def _route_nipype_logging(verbosity: int) -> None:
-    """Send Nipype's loggers through ours (one format, no duplicate lines); node-level chatter
-    only with -v, since the progress callback already reports each finished node."""
-    for name in ("nipype", "nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        logger.propagate = True
-        logger.setLevel(logging.INFO if verbosity >= 1 else logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run msxplain; returns the BIDS-Apps exit code."""
+    from ..runlog import setup_console
     from .parser import parse_args
 
     global _CURRENT_ARGV
@@ -56,23 +39,98 @@ def main(argv: list[str] | None = None) -> int:
         ns = parse_args(argv)
     except SystemExit as exc:  # --help/--version (0) or usage errors (64/17)
         return int(exc.code or 0)
-    _setup_logging(ns.verbose)
+    setup_console(ns.verbose)
+    offline_before = os.environ.get("MSXPLAIN_OFFLINE")
+    if ns.offline:  # read by bids_app.templates, here and in every worker process
+        os.environ["MSXPLAIN_OFFLINE"] = "1"
     from ..config import Config
 
+    # every message of the run is kept until its log file's place is known (the output folder
+    # must stay untouched when the run fails before processing)
+    buffer = _LogBuffer()
     try:
         config = Config.from_args(ns)
         if config.execution.analysis_level == "participant":
-            return run_participant(config)
+            return run_participant(config, buffer)
         from ..group import run_group
 
-        return run_group(config)
+        try:
+            return run_group(config)
+        finally:
+            group_dir = config.execution.output_dir / "group"
+            if group_dir.is_dir():
+                buffer.write_to(group_dir / "log" / config.execution.run_uuid / "group_msxplain.log")
     except MsxplainError as exc:
-        LOGGER.error("%s", exc.one_line())
+        LOGGER.error("%s", exc.one_line(), extra={"console": False})  # printed once, below
         print(f"msxplain: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("msxplain: interrupted; re-run with the same --work-dir to resume.", file=sys.stderr)
         return 130
+    finally:
+        buffer.close()
+        if ns.offline:  # main() may run several times in one process (tests, rerun)
+            if offline_before is None:
+                os.environ.pop("MSXPLAIN_OFFLINE", None)
+            else:
+                os.environ["MSXPLAIN_OFFLINE"] = offline_before
+
+
+class _LogBuffer:
+    """Holds the run's log records in memory until :meth:`start_file` names the run log."""
+
+    def __init__(self):
+        import logging.handlers
+
+        from ..runlog import FILE_FORMAT
+
+        self.memory = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self.memory.setFormatter(logging.Formatter(FILE_FORMAT))
+        self.memory.setLevel(logging.DEBUG)
+        logging.getLogger().addHandler(self.memory)
+        self.file_handler = None
+        self.path: Path | None = None
+
+    def start_file(self, path: Path, verbosity: int) -> None:
+        """From now on the run's messages (and its workers') go to ``path``; the buffered ones first."""
+        from ..runlog import start_run_log
+
+        self.file_handler = start_run_log(path, verbosity)
+        self.path = path
+        for record in self.memory.buffer:
+            if record.levelno >= self.file_handler.level:
+                self.file_handler.handle(record)
+        self._drop_memory()
+
+    def write_to(self, path: Path) -> None:
+        """Write the buffered messages to ``path`` (a run that never started its file)."""
+        from ..runlog import FILE_FORMAT
+
+        if self.memory is None:
+            return
+        formatter = logging.Formatter(FILE_FORMAT)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as handle:
+                for record in self.memory.buffer:
+                    if record.levelno >= logging.INFO:
+                        handle.write(formatter.format(record) + "\n")
+        except OSError as exc:
+            LOGGER.warning("Could not write the log %s (%s)", path, exc.strerror)
+
+    def _drop_memory(self) -> None:
+        if self.memory is not None:
+            logging.getLogger().removeHandler(self.memory)
+            self.memory.buffer.clear()
+            self.memory = None
+
+    def close(self) -> None:
+        from ..runlog import stop_run_log
+
+        self._drop_memory()
+        if self.file_handler is not None:
+            stop_run_log(self.file_handler)
+            self.file_handler = None
 
 
 def main_exit() -> None:  # console-script entry point
@@ -104,6 +162,8 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
 
         template_t1w, template_mask = brain_mask_template()
     except MsxplainError as exc:
+        if config.model.skull_stripped == "no":  # every session needs the template: say so now
+            raise
         LOGGER.warning("No brain-mask template: %s (only skull-stripped inputs can be processed).", exc.one_line())
     feature_templates = None
     if config.outputs.lesion_features:
@@ -250,11 +310,12 @@ def collect_crashes(crash_dir: Path, sessions) -> dict[str, tuple[int, str, Path
     return failures
 
 
-def run_participant(config) -> int:
+def run_participant(config, log=None) -> int:
     """The participant level: validate, resolve the model, discover, build, run, report."""
     from nipype import config as nipype_config
 
     from ..derivatives import remove_stale_staging, write_dataset_files
+    from ..runlog import route_nipype_logging
     from ..discovery import discover, open_layout
     from ..models import check_consistency, resolve_model, select_members, verify_members
     from .. import __version__
@@ -268,7 +329,6 @@ def run_participant(config) -> int:
         written = build_reports(ex.output_dir, labels)
         LOGGER.info("%d report(s) rebuilt from %s", len(written), ex.output_dir)
         return EXIT_SUCCESS
-    _route_nipype_logging(config.verbosity)
     started = time.time()
     LOGGER.info("msxplain %s, participant level, run %s", __version__, ex.run_uuid)
     if not ex.skip_bids_validation:
@@ -291,7 +351,7 @@ def run_participant(config) -> int:
     layout = open_layout(ex.bids_dir)
     sessions, failed = discover(layout, model.card, ex.participant_label, ex.session_label, ex.bids_filters)
     for f in failed:
-        LOGGER.error("%s cannot be processed: %s", f.name, f.error.one_line())
+        LOGGER.warning("%s cannot be processed and is skipped (reported at the end): %s", f.name, f.error.one_line())
     if failed and ex.stop_on_first_crash:
         raise failed[0].error
 
@@ -302,6 +362,9 @@ def run_participant(config) -> int:
 
         raise CannotCreateOutput(f"Cannot create the work folder ({exc.strerror}).", path=str(ex.work_dir),
                                  hint="choose a writable --work-dir.") from None
+    run_log = ex.work_dir / "logs" / f"participant-{ex.run_uuid}.log"
+    if log is not None:
+        log.start_file(run_log, config.verbosity)
     references = {}
     if ex.reference_masks is not None:
         from ..discovery import find_reference_masks
@@ -351,10 +414,15 @@ def run_participant(config) -> int:
                 workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
             except Exception as exc:  # noqa: BLE001 - graphviz may be absent
                 LOGGER.warning("Could not write the workflow graph: %s", exc)
-        _route_nipype_logging(config.verbosity)  # nipype re-reads its config above
+        route_nipype_logging()  # nipype resets its loggers when its config is updated
         plugin, plugin_args = plugin_settings(config, settings)
         if plugin == "MultiProc":
-            plugin_args["status_callback"] = _progress_callback(len(sessions))
+            plugin_args["status_callback"] = _progress_callback(sessions)
+            if plugin_args.get("mp_context") == "forkserver":
+                import multiprocessing.forkserver
+
+                # workers set their logging up before Nipype is imported there (bids_app.runlog)
+                multiprocessing.forkserver.set_forkserver_preload(["__main__", "bids_app.worker_logging"])
         LOGGER.info("Running %d session(s) with Nipype %s (%s)", len(sessions), plugin,
                     {k: v for k, v in plugin_args.items() if k != "status_callback"})
         if plugin.startswith("SLURM"):
@@ -377,6 +445,9 @@ def run_participant(config) -> int:
 
     n_ok = len(sessions) - len([s for s in sessions if s.name in failures])
     LOGGER.info("Finished in %.0f s: %d session(s) written, %d failed.", time.time() - started, n_ok, len(failures))
+    if log is not None and log.path is not None:
+        _publish_run_log(log.path, ex.output_dir, ex.run_uuid,
+                         sorted({s.subject for s in sessions} | {name.split("_")[0][4:] for name in failures}))
     if not failures:
         return EXIT_SUCCESS
     for name in sorted(failures):
@@ -421,18 +492,56 @@ def _wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float
         time.sleep(poll)
 
 
-def _progress_callback(n_sessions: int):
-    """A MultiProc status callback that logs progress per node."""
-    state = {"done": 0}
+def _progress_callback(sessions):
+    """A MultiProc status callback: one line per node started and finished, with the session
+    it belongs to (session k of N) and the count of finished nodes."""
+    from ..progress import format_duration, session_label
+    from ..workflows.base import session_wf_name
+
+    order = {session_wf_name(s): (k, s.name) for k, s in enumerate(sessions, 1)}
+    state = {"done": 0, "started": {}}
+
+    def where(node) -> str:
+        for part in node.fullname.split("."):
+            if part in order:
+                k, name = order[part]
+                return f"[{session_label(name)}] (session {k} of {len(sessions)})"
+        return "[run]"
 
     def callback(node, status):
+        stage = node.fullname.split(".")[-1]
+        if status == "start":
+            state["started"][node.fullname] = time.monotonic()
+            if stage in _LONG_STAGES:
+                LOGGER.info("%s %s: started", where(node), stage)
+            return
+        seconds = time.monotonic() - state["started"].pop(node.fullname, time.monotonic())
         if status == "end":
             state["done"] += 1
-        if status in ("end", "exception"):
-            LOGGER.info("[%s] %s %s", state["done"], node.fullname.split(".", 1)[-1],
-                        "finished" if status == "end" else "FAILED")
+            LOGGER.info("%s %s: done in %s (%d steps finished)", where(node), stage, format_duration(seconds),
+                        state["done"])
+        elif status == "exception":
+            LOGGER.error("%s %s: FAILED after %s", where(node), stage, format_duration(seconds))
 
     return callback
+
+
+#: nodes long enough to announce when they start (the others are reported when they end)
+_LONG_STAGES = {"conform", "brain_mask", "predict", "uncertainty", "features", "explain", "evaluation"}
+
+
+def _publish_run_log(run_log: Path, output_dir: Path, run_uuid: str, subjects: list[str]) -> None:
+    """Copy the run log into the output folder: whole (``logs/``) and per subject."""
+    from ..derivatives import atomic_write_text
+    from ..runlog import split_run_log
+
+    try:
+        text = run_log.read_text(encoding="utf-8", errors="replace") if run_log.is_file() else ""
+        atomic_write_text(output_dir / "logs" / f"participant-{run_uuid}.log", text)
+        for subject, part in split_run_log(run_log, subjects).items():
+            atomic_write_text(output_dir / f"sub-{subject}" / "log" / run_uuid / f"sub-{subject}_msxplain.log", part)
+    except OSError as exc:
+        LOGGER.warning("Could not copy the run log into %s (%s)", output_dir, exc.strerror)
 
 
 def _copy_crash_logs(failures, output_dir: Path, run_uuid: str) -> None:

@@ -253,12 +253,16 @@ class EnsemblePredictor:
             )
         return torch.from_numpy(np.ascontiguousarray(data)).float(), properties
 
-    def member_logits(self, member: MemberInput, data):
-        """Sliding-window logits of one member on the preprocessed grid, shape (C, z', y', x')."""
+    def member_logits(self, member: MemberInput, data, on_tile=None):
+        """Sliding-window logits of one member on the preprocessed grid, shape (C, z', y', x').
+
+        ``on_tile(done, total)`` is called after each sliding-window tile (with all its
+        mirrorings), for progress reporting.
+        """
         self._predictor.network.load_state_dict(member.state_dict)
         if self.tta and member.mirroring_axes != self._predictor.allowed_mirroring_axes:
             self._predictor.allowed_mirroring_axes = member.mirroring_axes
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _counting_tiles(self._predictor, on_tile):
             return self._predictor.predict_sliding_window_return_logits(data).cpu()
 
     def to_input_geometry(self, logits, properties: dict) -> np.ndarray:
@@ -282,7 +286,8 @@ class EnsemblePredictor:
         zooms : 3 floats
             Voxel size in mm along X, Y, Z.
         progress : callable or None
-            Called as ``progress(done, total)`` after each member.
+            Called as ``progress(member, n_members, tile, n_tiles)`` after each sliding-window
+            tile (with its mirrorings) of each member; ``member`` and ``tile`` count from 1.
 
         Returns
         -------
@@ -293,12 +298,48 @@ class EnsemblePredictor:
 
         data, properties = self.preprocess(channels, zooms)
         shape = np.asarray(channels).shape[1:]
-        out = np.empty((len(self.members), self.n_classes, *shape), dtype=np.float32)
+        n_members = len(self.members)
+        out = np.empty((n_members, self.n_classes, *shape), dtype=np.float32)
         with torch.inference_mode():
             for i, member in enumerate(self.members):
-                logits = self.member_logits(member, data)
+                on_tile = None
+                if progress is not None:
+                    def on_tile(done, total, _member=i + 1):
+                        progress(_member, n_members, done, total)
+                logits = self.member_logits(member, data, on_tile)
                 out[i] = self.to_input_geometry(logits, properties)
                 del logits
-                if progress is not None:
-                    progress(i + 1, len(self.members))
         return out
+
+
+@contextlib.contextmanager
+def _counting_tiles(predictor, on_tile):
+    """Count nnU-Net's sliding-window tiles while the block runs (``on_tile(done, total)``).
+
+    nnU-Net has no progress hook but tqdm; its per-tile method and the method that receives the
+    tile list are wrapped on this predictor instance only, and restored afterwards.
+    """
+    if on_tile is None:
+        yield
+        return
+    state = {"done": 0, "total": 0}
+    run_windows = predictor._internal_predict_sliding_window_return_logits
+    predict_tile = predictor._internal_maybe_mirror_and_predict
+
+    def windows(data, slicers, *args, **kwargs):
+        state["done"], state["total"] = 0, len(slicers)
+        return run_windows(data, slicers, *args, **kwargs)
+
+    def tile(x):
+        result = predict_tile(x)
+        state["done"] += 1
+        on_tile(state["done"], state["total"])
+        return result
+
+    predictor._internal_predict_sliding_window_return_logits = windows
+    predictor._internal_maybe_mirror_and_predict = tile
+    try:
+        yield
+    finally:  # the instance attributes shadowed the class methods: removing them restores those
+        del predictor._internal_predict_sliding_window_return_logits
+        del predictor._internal_maybe_mirror_and_predict

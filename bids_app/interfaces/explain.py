@@ -49,6 +49,7 @@ class _ExplainLesionsInputSpec(BaseInterfaceInputSpec):
     model_dir = Directory(exists=True, mandatory=True, desc="nnU-Net trained-model folder")
     card_file = File(desc="model card JSON")
     folds = traits.List(traits.Str, mandatory=True, desc="ensemble members (explained as their mean)")
+    progress_label = traits.Str("", usedefault=True, desc="who the progress line is about, e.g. 'sub-01 ses-1'")
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     use_gpu = traits.Bool(False, usedefault=True, desc="GPU node for Nipype's MultiProc GPU queue")
@@ -93,6 +94,7 @@ class ExplainLesions(SimpleInterface):
         from ..derivatives import dumps_json
         from ..explain_store import save_store
         from ..lesion_table import write_fragment
+        from ..progress import ProgressLine
         from .segment import load_ensemble, network_channels
 
         start = time.perf_counter()
@@ -121,8 +123,21 @@ class ExplainLesions(SimpleInterface):
                                margin_mm=self.inputs.margin_mm if self.inputs.margin_mm > 0 else None)
         class_of_label = np.zeros(int(labels_all.max()) if len(labels_all) else 0, np.int32)
         class_of_label[labels_all - 1] = classes
-        store = explain_case(predictor, stack, zooms, canonical_instances, class_of_label, config,
-                             channel_names=names, labels=[int(v) for v in selected])
+        line = ProgressLine(self.inputs.progress_label or "session", "explain")
+        n_explained = len(selected)
+
+        def progress(done, total):
+            # the engine counts (lesion, noise sample) items, lesion by lesion within a batch group: the
+            # lesion number shown is therefore approximate
+            fraction = done / max(total, 1)
+            current = min(n_explained, int(fraction * n_explained) + 1)
+            line.update(fraction, f"lesion {current} of {n_explained}")
+
+        try:
+            store = explain_case(predictor, stack, zooms, canonical_instances, class_of_label, config,
+                                 channel_names=names, labels=[int(v) for v in selected], progress=progress)
+        finally:
+            line.close()
         store = reorient_store(store, nio.ornt_transform(nio.axcodes2ornt("RAS"), ornt))
         del predictor
         sources = list(self.inputs.sources)

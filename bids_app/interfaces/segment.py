@@ -28,6 +28,7 @@ class _PredictLesionsInputSpec(BaseInterfaceInputSpec):
     use_gpu = traits.Bool(False, usedefault=True,
                           desc="marks the node as a GPU node for Nipype's MultiProc GPU queue")
     skull_strip = traits.Bool(True, usedefault=True, desc="zero the inputs outside the brain mask (model card)")
+    progress_label = traits.Str("", usedefault=True, desc="who the progress line is about, e.g. 'sub-01 ses-1'")
 
 
 class _PredictLesionsOutputSpec(TraitedSpec):
@@ -52,6 +53,7 @@ class PredictLesions(SimpleInterface):
 
         from ..core.conform import from_canonical
         from ..models import model_provenance
+        from ..progress import ProgressLine
 
         start = time.perf_counter()
         model, card, members, predictor = load_ensemble(
@@ -65,7 +67,17 @@ class PredictLesions(SimpleInterface):
                                               mask if self.inputs.skull_strip else None)
         load_seconds = time.perf_counter() - start
         t0 = time.perf_counter()
-        probs = predictor.predict(stack, zooms)
+        line = ProgressLine(self.inputs.progress_label or "session", "predict")
+
+        def progress(member, n_members, tile, n_tiles):
+            line.update(((member - 1) * n_tiles + tile) / (n_members * n_tiles),
+                        f"member {member}/{n_members}, tile {tile}/{n_tiles}",
+                        step=tile == n_tiles and member < n_members)
+
+        try:
+            probs = predictor.predict(stack, zooms, progress=progress)
+        finally:
+            line.close()
         predict_seconds = time.perf_counter() - t0
         probs = from_canonical(probs, ornt)
         out = os.path.abspath("member_probs.npy")

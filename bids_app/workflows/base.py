@@ -32,6 +32,7 @@ from ..interfaces.features import LesionFeatures
 from ..interfaces.postprocess import PostProcess
 from ..interfaces.segment import PredictLesions
 from ..interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS, ComputeUncertainty
+from ..progress import session_label
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
                                      skull_strip=settings.skull_strip),
                       name="predict", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
+    predict.inputs.progress_label = session_label(session.name)
     if use_gpu:  # cluster plugins: the prediction job asks SLURM for a GPU
         predict.plugin_args = {"sbatch_args": settings.gpu_sbatch_args, "overwrite": False}
     # 4. threshold, minimum size, connectivity -> masks and lesion instances
@@ -225,6 +227,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
             num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_strip=settings.skull_strip,
             sources=sources, **settings.explain),
             name="explain", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
+        explain.inputs.progress_label = session_label(session.name)
         if use_gpu:
             explain.plugin_args = {"sbatch_args": settings.gpu_sbatch_args, "overwrite": False}
         workflow.connect([
