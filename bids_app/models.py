@@ -8,14 +8,17 @@ A *model* is an nnU-Net v2 trained-model folder (``plans.json``, ``dataset.json`
 * which BIDS images feed each input channel (pybids queries, in order of preference);
 * what its labels are (e.g. ``WML``, ``CL``) and the default threshold, minimum lesion size,
   connectivity and reference lesion load for nDSC;
-* the SHA-256 of every member checkpoint, checked **before** anything is unpickled.
+* the SHA-256 of every member checkpoint, checked **before** anything is unpickled, and of
+  ``plans.json`` and ``dataset.json`` (``files``), checked before they are parsed.
 
 Model files are untrusted input (a model zip from the internet can carry code): archives are
 extracted with path-traversal, link and size checks, and checkpoints are read with
 ``torch.load(weights_only=True)`` and an allow-list of the two numpy globals that nnU-Net
-checkpoints contain (``nnunet_mechanics.md`` §1.3). The network class named in
-``plans.json`` must come from ``dynamic_network_architectures`` (see
-:func:`bids_app.core.segment.build_network`).
+checkpoints contain (``nnunet_mechanics.md`` §1.3). Every class name in ``plans.json`` and
+``dataset.json`` that nnU-Net would resolve must be in the exact allow-lists of
+:mod:`bids_app.model_safety` (:func:`check_consistency`, and again where the network is built,
+:func:`bids_app.core.segment.build_network`). The card itself is validated field by field:
+every problem is exit 65 with the field's name.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInputData, MissingInput, UsageError
+from .model_safety import is_int, is_number
 
 LOGGER = logging.getLogger("bids_app.models")
 
@@ -46,6 +51,15 @@ MODELS_PATH_ENV = "MSXPLAIN_MODELS"
 MAX_ARCHIVE_UNCOMPRESSED_BYTES = 8 * 1024**3
 MAX_ARCHIVE_MEMBERS = 20000
 MAX_COMPRESSION_RATIO = 200
+#: the model files the card pins besides the checkpoints (card key ``files``)
+MODEL_FILES = ("plans.json", "dataset.json")
+#: plans.json / dataset.json / cards are a few kB; refuse to read absurd ones into memory
+MAX_MODEL_JSON_BYTES = 16 * 1024**2
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+#: a label name becomes the ``label-`` entity of the outputs: BIDS labels are alphanumeric
+_BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
+#: a member name becomes the folder ``fold_<name>``: no separators, no ``..``
+_FOLD = re.compile(r"[A-Za-z0-9_-]+")
 
 #: nnU-Net channel names -> BIDS queries (used only when a model has no card)
 _CHANNEL_QUERY_GUESSES: dict[str, list[dict[str, Any]]] = {
@@ -98,7 +112,9 @@ class ModelCard:
     """The parsed ``msxplain_model.json``.
 
     ``members`` maps a member (fold) name to the SHA-256 of its checkpoint; the member
-    names are nnU-Net fold folder suffixes (``fold_<name>``).
+    names are nnU-Net fold folder suffixes (``fold_<name>``). ``files`` maps the model's
+    other files (``plans.json``, ``dataset.json``) to their SHA-256; it is empty for a card
+    written before msxplain pinned them.
     """
 
     id: str
@@ -119,6 +135,7 @@ class ModelCard:
     reference_lesion_load: float = 0.001
     demo: bool = False
     inferred: bool = False
+    files: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -137,120 +154,317 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "model card") -> ModelCard:
-        """Validate and parse a card; every problem is a :class:`BadInputData` naming the key."""
+        """Validate and parse a card; every problem is a :class:`BadInputData` naming the field.
 
-        def need(key: str, kind: type | tuple[type, ...]):
-            if key not in data:
-                raise BadInputData(f"Model card lacks the key '{key}'.", path=source,
-                                   hint=f"add '{key}' (see docs/model-card.md).")
-            value = data[key]
-            if not isinstance(value, kind):
-                raise BadInputData(f"Model card key '{key}' has the wrong type ({type(value).__name__}).",
-                                   path=source, hint="see docs/model-card.md.")
-            return value
-
-        version = data.get("card_version", CARD_VERSION)
-        if version != CARD_VERSION:
-            raise BadInputData(f"Unsupported model card version {version!r} (expected {CARD_VERSION}).", path=source,
-                               hint="upgrade msxplain or rewrite the card.")
-        channels = []
-        for i, ch in enumerate(need("channels", list)):
-            if not isinstance(ch, dict) or "name" not in ch or "queries" not in ch:
-                raise BadInputData(f"Model card channel {i} needs 'name' and 'queries'.", path=source,
-                                   hint="see docs/model-card.md.")
-            queries = ch["queries"]
-            if not isinstance(queries, list) or not queries or not all(isinstance(q, dict) for q in queries):
-                raise BadInputData(f"Model card channel '{ch['name']}' needs a non-empty list of queries.",
-                                   path=source, hint="see docs/model-card.md.")
-            channels.append(Channel(index=int(ch.get("index", i)), name=str(ch["name"]),
-                                    queries=tuple(dict(q) for q in queries), required=bool(ch.get("required", True))))
-        if sorted(c.index for c in channels) != list(range(len(channels))):
-            raise BadInputData("Model card channel indices must be 0..K-1.", path=source, hint="fix 'channels'.")
-        labels = []
-        for key, value in need("labels", dict).items():
-            if not str(key).isdigit() or int(key) == 0:
-                raise BadInputData(f"Model card label key {key!r} must be a positive output index.", path=source,
-                                   hint='use e.g. {"1": {"name": "WML"}}.')
-            value = value if isinstance(value, dict) else {"name": str(value)}
-            labels.append(LesionLabel(index=int(key), name=str(value["name"]), long_name=str(value.get("long_name", ""))))
-        labels.sort(key=lambda lab: lab.index)
-        members = need("members", list)
-        member_sha = {}
-        for m in members:
-            if not isinstance(m, dict) or "fold" not in m:
-                raise BadInputData("Each model card member needs a 'fold'.", path=source, hint="see docs/model-card.md.")
-            member_sha[str(m["fold"])] = str(m.get("sha256", "")).lower()
-        if not member_sha:
-            raise BadInputData("Model card lists no members.", path=source, hint="list the folds under 'members'.")
-        post = data.get("postprocessing", {})
-        nnunet = data.get("nnunet", {})
-        connectivity = int(post.get("connectivity", 18))
-        if connectivity not in (6, 18, 26):
-            raise BadInputData(f"Model card connectivity {connectivity} is not 6, 18 or 26.", path=source,
-                               hint="fix postprocessing.connectivity.")
-        member_thresholds = post.get("member_thresholds")
-        return cls(
-            id=str(need("id", str)),
-            name=str(data.get("name", data["id"])),
-            version=str(data.get("version", "0")),
-            description=str(data.get("description", "")),
-            channels=tuple(sorted(channels, key=lambda c: c.index)),
-            labels=tuple(labels),
-            members=member_sha,
-            configuration=str(nnunet.get("configuration", "3d_fullres")),
-            checkpoint=str(nnunet.get("checkpoint", "checkpoint_final.pth")),
-            reference_channel=int(data.get("reference_channel", 0)),
-            skull_stripped_input=bool(data.get("skull_stripped_input", True)),
-            threshold=float(post.get("threshold", 0.5)),
-            member_thresholds={str(k): float(v) for k, v in member_thresholds.items()} if member_thresholds else None,
-            min_lesion_size=int(post.get("min_lesion_size", 4)),
-            connectivity=connectivity,
-            reference_lesion_load=float(data.get("reference_lesion_load", 0.001)),
-            demo=bool(data.get("demo", False)),
-            inferred=bool(data.get("inferred", False)),
-            raw=dict(data),
-        )
+        The schema is documented in ``docs/model-card.md``; keys not named there (``training``,
+        ``performance``...) are free-form and only shown in reports.
+        """
+        return _parse_card(data, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelCard:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MissingInput("Model card not found.", path=str(path), hint="check --model-card.") from None
-        except json.JSONDecodeError as exc:
-            raise BadInputData(f"Model card is not valid JSON ({exc.msg}, line {exc.lineno}).", path=str(path),
-                               hint="fix the JSON syntax.") from None
+        data = read_json_file(path, "Model card", missing_hint="check --model-card.")
         if not isinstance(data, dict):
             raise BadInputData("Model card must be a JSON object.", path=str(path), hint="see docs/model-card.md.")
         return cls.from_dict(data, source=str(path))
+
+
+# --------------------------------------------------------------------------------------
+# Card schema
+# --------------------------------------------------------------------------------------
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
+
+
+def _card_error(source: str, field_name: str, problem: str, hint: str = "see docs/model-card.md.") -> BadInputData:
+    return BadInputData(f"Model card field '{field_name}' {problem}.", path=source, hint=hint)
+
+
+def _plain_relative_file(value: Any) -> bool:
+    """A file name relative to the model folder that cannot leave it."""
+    if not isinstance(value, str) or not value or "\\" in value or value.startswith("/"):
+        return False
+    return ".." not in Path(value).parts
+
+
+def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
+    """:meth:`ModelCard.from_dict`: every field checked, with its dotted name in the message."""
+    if not isinstance(data, dict):
+        raise BadInputData("Model card must be a JSON object.", path=source, hint="see docs/model-card.md.")
+
+    def need(key: str, kind: type | tuple[type, ...]):
+        if key not in data:
+            raise BadInputData(f"Model card lacks the key '{key}'.", path=source,
+                               hint=f"add '{key}' (see docs/model-card.md).")
+        value = data[key]
+        if not isinstance(value, kind):
+            raise BadInputData(f"Model card key '{key}' has the wrong type ({type(value).__name__}).",
+                               path=source, hint="see docs/model-card.md.")
+        return value
+
+    def optional(obj: dict, key: str, where: str, check, expected: str, default):
+        if key not in obj or (obj[key] is None and default is None):
+            return default
+        value = obj[key]
+        if not check(value):
+            raise _card_error(source, where, f"is {json.dumps(value)[:60]}; expected {expected}")
+        return value
+
+    def section(key: str) -> dict:
+        value = data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _card_error(source, key, f"is a {type(value).__name__}; expected an object")
+        return value
+
+    version = data.get("card_version", CARD_VERSION)
+    if version != CARD_VERSION or not is_int(version):
+        raise BadInputData(f"Unsupported model card version {version!r} (expected {CARD_VERSION}).", path=source,
+                           hint="upgrade msxplain or rewrite the card.")
+    card_id = need("id", str)
+    if not card_id.strip():
+        raise _card_error(source, "id", "is empty")
+    name = optional(data, "name", "name", lambda v: isinstance(v, str), "a string", card_id)
+    card_version_label = optional(data, "version", "version", lambda v: isinstance(v, str) or is_int(v),
+                                  "a string", "0")
+    description = optional(data, "description", "description", lambda v: isinstance(v, str), "a string", "")
+    flags = {key: optional(data, key, key, lambda v: isinstance(v, bool), "true or false", default)
+             for key, default in (("demo", False), ("inferred", False), ("skull_stripped_input", True))}
+
+    # --- channels
+    channels = []
+    raw_channels = need("channels", list)
+    if not raw_channels:
+        raise _card_error(source, "channels", "is empty; expected at least one input channel")
+    for i, ch in enumerate(raw_channels):
+        where = f"channels[{i}]"
+        if not isinstance(ch, dict) or "name" not in ch or "queries" not in ch:
+            raise BadInputData(f"Model card channel {i} needs 'name' and 'queries'.", path=source,
+                               hint="see docs/model-card.md.")
+        if not isinstance(ch["name"], str) or not ch["name"].strip():
+            raise _card_error(source, f"{where}.name", "is not a non-empty string")
+        queries = ch["queries"]
+        if not isinstance(queries, list) or not queries or not all(isinstance(q, dict) for q in queries):
+            raise BadInputData(f"Model card channel '{ch['name']}' needs a non-empty list of queries.",
+                               path=source, hint="see docs/model-card.md.")
+        for j, query in enumerate(queries):
+            for entity, value in query.items():
+                scalar = (str, int, float, bool, type(None))
+                if not (isinstance(value, scalar) or isinstance(value, list) and all(isinstance(v, scalar)
+                                                                                     for v in value)):
+                    raise _card_error(source, f"{where}.queries[{j}].{entity}",
+                                      "is not a BIDS entity value (a string, a number, null or a list of them)")
+        index = optional(ch, "index", f"{where}.index", is_int, "an integer", i)
+        required = optional(ch, "required", f"{where}.required", lambda v: isinstance(v, bool), "true or false",
+                            True)
+        channels.append(Channel(index=index, name=ch["name"], queries=tuple(dict(q) for q in queries),
+                                required=required))
+    if sorted(c.index for c in channels) != list(range(len(channels))):
+        raise BadInputData("Model card channel indices must be 0..K-1.", path=source, hint="fix 'channels'.")
+    names = [c.name.lower() for c in channels]
+    if len(set(names)) != len(names):
+        raise _card_error(source, "channels", "names a channel twice", "give every channel its own name.")
+    reference_channel = optional(data, "reference_channel", "reference_channel",
+                                 lambda v: is_int(v) and 0 <= v < len(channels),
+                                 f"a channel index 0..{len(channels) - 1}", 0)
+
+    # --- labels
+    labels = []
+    raw_labels = need("labels", dict)
+    if not raw_labels:
+        raise _card_error(source, "labels", "is empty; expected at least one lesion label")
+    for key, value in raw_labels.items():
+        if not str(key).isdigit() or int(key) == 0:
+            raise BadInputData(f"Model card label key {key!r} must be a positive output index.", path=source,
+                               hint='use e.g. {"1": {"name": "WML"}}.')
+        value = {"name": value} if isinstance(value, str) else value  # "1": "WML" is short for {"name": "WML"}
+        if not isinstance(value, dict):
+            raise _card_error(source, f"labels.{key}", f"is a {type(value).__name__}; expected an object",
+                              'use e.g. {"1": {"name": "WML"}}.')
+        if "name" not in value:
+            raise _card_error(source, f"labels.{key}.name", "is missing", 'use e.g. {"1": {"name": "WML"}}.')
+        if not isinstance(value["name"], str) or not _BIDS_LABEL.fullmatch(value["name"]):
+            raise _card_error(source, f"labels.{key}.name", f"is {json.dumps(value['name'])[:60]}; expected "
+                              "letters and digits only (it becomes the label- entity of the output files)")
+        long_name = optional(value, "long_name", f"labels.{key}.long_name", lambda v: isinstance(v, str),
+                             "a string", "")
+        labels.append(LesionLabel(index=int(key), name=value["name"], long_name=long_name))
+    labels.sort(key=lambda lab: lab.index)
+    if len({lab.name for lab in labels}) != len(labels):
+        raise _card_error(source, "labels", "gives two labels the same name", "give every label its own name.")
+
+    # --- members
+    member_sha: dict[str, str] = {}
+    for i, m in enumerate(need("members", list)):
+        if not isinstance(m, dict) or "fold" not in m:
+            raise BadInputData("Each model card member needs a 'fold'.", path=source, hint="see docs/model-card.md.")
+        fold = m["fold"]
+        if not (isinstance(fold, str) or is_int(fold)) or not _FOLD.fullmatch(str(fold)):
+            raise _card_error(source, f"members[{i}].fold", f"is {json.dumps(fold)[:60]}; expected a fold name "
+                              "such as \"0\" or \"all\" (letters, digits, _ and -)")
+        if str(fold) in member_sha:
+            raise _card_error(source, f"members[{i}].fold", f"repeats fold {fold}")
+        sha = optional(m, "sha256", f"members[{i}].sha256", lambda v: isinstance(v, str), "a SHA-256 hex string", "")
+        member_sha[str(fold)] = sha.lower()
+    if not member_sha:
+        raise BadInputData("Model card lists no members.", path=source, hint="list the folds under 'members'.")
+
+    # --- nnunet, postprocessing, files, refiner
+    nnunet = section("nnunet")
+    configuration = optional(nnunet, "configuration", "nnunet.configuration", lambda v: isinstance(v, str) and v,
+                             "a configuration name such as \"3d_fullres\"", "3d_fullres")
+    checkpoint = optional(nnunet, "checkpoint", "nnunet.checkpoint",
+                          lambda v: _plain_relative_file(v) and "/" not in v, "a file name such as "
+                          "\"checkpoint_final.pth\"", "checkpoint_final.pth")
+    for key in ("trainer", "plans"):
+        optional(nnunet, key, f"nnunet.{key}", lambda v: isinstance(v, str), "a string", None)
+    post = section("postprocessing")
+    threshold = optional(post, "threshold", "postprocessing.threshold", lambda v: is_number(v) and 0 < v < 1,
+                         "a number between 0 and 1", 0.5)
+    min_lesion_size = optional(post, "min_lesion_size", "postprocessing.min_lesion_size",
+                               lambda v: is_int(v) and v >= 0, "a whole number of voxels >= 0", 4)
+    connectivity = post.get("connectivity", 18)
+    if not is_int(connectivity) or connectivity not in (6, 18, 26):
+        raise BadInputData(f"Model card field 'postprocessing.connectivity' is {json.dumps(connectivity)[:60]}, "
+                           "not 6, 18 or 26.", path=source, hint="fix postprocessing.connectivity.")
+    member_thresholds = optional(post, "member_thresholds", "postprocessing.member_thresholds",
+                                 lambda v: isinstance(v, dict), "an object {fold: threshold}", None)
+    if member_thresholds:
+        for fold, value in member_thresholds.items():
+            if fold not in member_sha:
+                raise _card_error(source, f"postprocessing.member_thresholds.{fold}", "names a fold that is not a "
+                                  "member")
+            if not is_number(value) or not 0 < value < 1:
+                raise _card_error(source, f"postprocessing.member_thresholds.{fold}",
+                                  f"is {json.dumps(value)[:60]}; expected a number between 0 and 1")
+    reference_lesion_load = optional(data, "reference_lesion_load", "reference_lesion_load",
+                                     lambda v: is_number(v) and 0 < v < 1, "a fraction between 0 and 1", 0.001)
+    files = section("files")
+    for key, value in files.items():
+        if key not in MODEL_FILES:
+            raise _card_error(source, f"files.{key}", f"is not a model file msxplain pins ({', '.join(MODEL_FILES)})")
+        if not _is_sha256(value):
+            raise _card_error(source, f"files.{key}", "is not a SHA-256 (64 hexadecimal digits)")
+    if files and set(files) != set(MODEL_FILES):
+        missing = sorted(set(MODEL_FILES) - set(files))
+        raise _card_error(source, "files", f"pins {', '.join(sorted(files))} but not {', '.join(missing)}",
+                          "pin both files (sha256sum plans.json dataset.json).")
+    refiner = data.get("refiner")
+    if refiner is not None:
+        if not isinstance(refiner, dict):
+            raise _card_error(source, "refiner", f"is a {type(refiner).__name__}; expected an object "
+                              '{"file": "refiner.json", "sha256": "..."}')
+        if not _plain_relative_file(refiner.get("file")):
+            raise _card_error(source, "refiner.file", "is not a file name inside the model folder")
+        if not _is_sha256(refiner.get("sha256")):
+            raise _card_error(source, "refiner.sha256", "is missing or not a SHA-256 (64 hexadecimal digits)")
+    return ModelCard(
+        id=card_id,
+        name=name,
+        version=str(card_version_label),
+        description=description,
+        channels=tuple(sorted(channels, key=lambda c: c.index)),
+        labels=tuple(labels),
+        members=member_sha,
+        configuration=configuration,
+        checkpoint=checkpoint,
+        reference_channel=reference_channel,
+        skull_stripped_input=flags["skull_stripped_input"],
+        threshold=float(threshold),
+        member_thresholds={str(k): float(v) for k, v in member_thresholds.items()} if member_thresholds else None,
+        min_lesion_size=min_lesion_size,
+        connectivity=connectivity,
+        reference_lesion_load=float(reference_lesion_load),
+        demo=flags["demo"],
+        inferred=flags["inferred"],
+        files={k: v.lower() for k, v in files.items()},
+        raw=dict(data),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# plans.json and dataset.json
+# --------------------------------------------------------------------------------------
+def read_json_file(path: Path, what: str, *, data: bytes | None = None, missing_hint: str = "restore the model folder.",
+                   max_bytes: int = MAX_MODEL_JSON_BYTES) -> Any:
+    """Parse a small JSON file of a model (card, plans, dataset), with messages, not tracebacks.
+
+    Parameters
+    ----------
+    path : Path
+    what : str
+        e.g. ``"Model card"``, ``"plans.json"``: the start of every message.
+    data : bytes or None
+        The file's content when it was already read (and checksummed).
+
+    Raises
+    ------
+    MissingInput
+        The file is not there.
+    BadInputData
+        Larger than ``max_bytes``, not UTF-8, or not JSON.
+    """
+    if data is None:
+        try:
+            if path.stat().st_size > max_bytes:
+                raise BadInputData(f"{what} is {path.stat().st_size / 1024**2:.0f} MiB (limit "
+                                   f"{max_bytes / 1024**2:.0f} MiB).", path=str(path),
+                                   hint="this is not a model file; re-download the model.")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise MissingInput(f"{what} not found.", path=str(path), hint=missing_hint) from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadInputData(f"{what} is not UTF-8 text.", path=str(path), hint="fix or restore the file.") from None
+    except json.JSONDecodeError as exc:
+        raise BadInputData(f"{what} is not valid JSON ({exc.msg}, line {exc.lineno}).", path=str(path),
+                           hint="fix the JSON syntax." if what == "Model card" else
+                           "the file is corrupt; re-download the model.") from None
+    except RecursionError:
+        raise BadInputData(f"{what} is nested too deeply to be a model file.", path=str(path),
+                           hint="re-download the model.") from None
+
+
+def pin_model_files(trainer_dir: Path) -> dict[str, str]:
+    """The card's ``files`` entry for a model folder: SHA-256 of ``plans.json`` and ``dataset.json``."""
+    return {name: sha256_file(Path(trainer_dir) / name) for name in MODEL_FILES}
 
 
 def infer_card(trainer_dir: Path) -> dict[str, Any]:
     """Build a card for a model that has none, from its ``dataset.json`` and fold folders.
 
     Channel names are mapped to BIDS suffixes when they are recognisable (``T1w``, ``FLAIR``,
-    ``UNIT1``...); checksums are computed now, so they protect the rest of the run but not
-    against a file that was tampered with before (the run logs a warning saying so).
+    ``UNIT1``...); checksums (checkpoints, ``plans.json``, ``dataset.json``) are computed now,
+    so they protect the rest of the run but not against a file that was tampered with before
+    (the run logs a warning saying so).
     """
-    dataset = json.loads((trainer_dir / "dataset.json").read_text())
-    channel_names = dataset.get("channel_names") or dataset.get("modality") or {}
+    from .model_safety import check_dataset_json
+
+    dataset_path = trainer_dir / "dataset.json"
+    dataset = read_json_file(dataset_path, "dataset.json")
+    channel_names = check_dataset_json(dataset, source=str(dataset_path))
     channels = []
-    for key in sorted(channel_names, key=int):
-        name = str(channel_names[key])
+    for key in sorted(channel_names):
+        name = channel_names[key]
         queries = _CHANNEL_QUERY_GUESSES.get(name.lower().replace("-", "").replace("_", ""))
         if queries is None:
             raise BadInputData(
                 f"Model has no msxplain model card and its channel name '{name}' does not say which BIDS image to use.",
-                path=str(trainer_dir / "dataset.json"),
-                hint="write a model card (msxplain-tools model-card) or pass --model-card.",
+                path=str(dataset_path),
+                hint="write a model card (see docs/model-card.md) or pass --model-card.",
             )
-        channels.append({"index": int(key), "name": name, "queries": queries})
-    labels = {str(v): {"name": str(k)} for k, v in dataset.get("labels", {}).items()
-              if isinstance(v, int) and v != 0}
-    plans = json.loads((trainer_dir / "plans.json").read_text())
-    configuration = trainer_dir.name.split("__")[-1] if "__" in trainer_dir.name else \
-        next(iter(plans.get("configurations", {"3d_fullres": {}})))
+        channels.append({"index": key, "name": name, "queries": queries})
+    labels = {str(v): {"name": str(k)} for k, v in dataset["labels"].items()
+              if isinstance(v, int) and v != 0 and k != "ignore"}
+    plans = read_json_file(trainer_dir / "plans.json", "plans.json")
+    configurations = plans.get("configurations") if isinstance(plans, dict) else None
+    if not isinstance(configurations, dict) or not configurations:
+        raise BadInputData("plans.json has no 'configurations'.", path=str(trainer_dir / "plans.json"),
+                           hint="the model folder is corrupt; re-download it.")
+    configuration = trainer_dir.name.split("__")[-1] if "__" in trainer_dir.name else next(iter(configurations))
     checkpoint = "checkpoint_final.pth"
     members = [{"fold": d.name[len("fold_"):], "sha256": sha256_file(d / checkpoint)}
                for d in sorted(trainer_dir.glob("fold_*")) if (d / checkpoint).is_file()]
@@ -264,6 +478,7 @@ def infer_card(trainer_dir: Path) -> dict[str, Any]:
         "channels": channels,
         "labels": labels,
         "members": members,
+        "files": pin_model_files(trainer_dir),
     }
 
 
@@ -412,37 +627,108 @@ def select_members(model: ResolvedModel, folds: list[str] | None) -> list[str]:
     return [str(f) for f in folds]
 
 
-def check_consistency(model: ResolvedModel) -> None:
-    """The card must describe the network: same number of input channels as ``dataset.json``,
-    lesion labels that exist among its outputs, and a configuration that ``plans.json`` has.
+def _verified_bytes(model: ResolvedModel, name: str) -> tuple[bytes, str]:
+    """Read one of :data:`MODEL_FILES` and check it against the card's pin; (content, SHA-256)."""
+    path = model.trainer_dir / name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise MissingInput(f"The model has no {name}.", path=str(path), hint="restore the model folder.") from None
+    if size > MAX_MODEL_JSON_BYTES:
+        raise BadInputData(f"{name} is {size / 1024**2:.0f} MiB (limit {MAX_MODEL_JSON_BYTES / 1024**2:.0f} MiB).",
+                           path=str(path), hint="this is not an nnU-Net model file; re-download the model.")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    expected = model.card.files.get(name)
+    if expected and digest != expected:
+        raise BadInputData(
+            f"Checksum mismatch for {name}: SHA-256 {digest[:12]}... but the model card says {expected[:12]}...",
+            path=str(path),
+            hint="the file was altered or replaced; re-download the model and do not use this copy.",
+        )
+    return data, digest
+
+
+def verify_model_files(model: ResolvedModel, *, warn: bool = False) -> dict[str, str]:
+    """Check ``plans.json`` and ``dataset.json`` against the SHA-256 the card pins (``files``).
+
+    A card without ``files`` (written before msxplain pinned them) is accepted: the class
+    names in these files are still held to the exact allow-lists of
+    :mod:`bids_app.model_safety`, but nothing proves the files are the released ones.
+
+    Parameters
+    ----------
+    warn : bool
+        Log a warning when the card pins neither file (once per run: the caller decides).
+
+    Returns
+    -------
+    dict
+        file name -> SHA-256 (as computed).
 
     Raises
     ------
+    MissingInput
+        A file is missing.
     BadInputData
-        With the mismatch and the file to fix.
+        A checksum differs from the card's.
     """
+    digests = {name: _verified_bytes(model, name)[1] for name in MODEL_FILES}
+    if warn:
+        _warn_if_unpinned(model)
+    return digests
+
+
+def _warn_if_unpinned(model: ResolvedModel) -> None:
+    if not model.card.files:
+        LOGGER.warning("The model card %s pins no SHA-256 for %s: they are checked against msxplain's allow-lists "
+                       "but nothing proves they are the released ones. Add \"files\" to the card "
+                       "(see docs/model-card.md).", model.card_path or model.trainer_dir, " and ".join(MODEL_FILES))
+
+
+def check_consistency(model: ResolvedModel) -> None:
+    """Verify ``plans.json`` and ``dataset.json`` against the card's checksums, check that they
+    name only allow-listed classes, and that the card describes the network: same number of
+    input channels as ``dataset.json``, lesion labels that exist among its outputs, and a
+    configuration that ``plans.json`` has.
+
+    Every file is read once, checksummed, then parsed from the same bytes, so nothing is
+    parsed (let alone built) before its checksum is known to match.
+
+    Raises
+    ------
+    MissingInput
+        ``plans.json`` or ``dataset.json`` is missing.
+    BadInputData
+        A checksum mismatch, an invalid or unsafe file, or a mismatch with the card; with the
+        file to fix.
+    """
+    from .model_safety import check_dataset_json, check_plans
+
     card = model.card
-    dataset = json.loads((model.trainer_dir / "dataset.json").read_text())
-    channels = dataset.get("channel_names") or dataset.get("modality") or {}
+    content = {name: _verified_bytes(model, name)[0] for name in MODEL_FILES}  # both, before parsing either
+    _warn_if_unpinned(model)
+    dataset_path, plans_path = model.trainer_dir / "dataset.json", model.trainer_dir / "plans.json"
+    dataset = read_json_file(dataset_path, "dataset.json", data=content["dataset.json"])
+    channels = check_dataset_json(dataset, source=str(dataset_path))
     if len(channels) != card.n_channels:
         raise BadInputData(
             f"The model card lists {card.n_channels} input channel(s) but the network takes {len(channels)} "
-            f"({', '.join(str(v) for v in channels.values())}).",
-            path=str(model.card_path or model.trainer_dir / "dataset.json"),
+            f"({', '.join(channels[i] for i in sorted(channels))}).",
+            path=str(model.card_path or dataset_path),
             hint="make the card's 'channels' match dataset.json's channel_names, in order.")
-    outputs = {int(v) for v in dataset.get("labels", {}).values() if isinstance(v, int)}
+    outputs = {int(v) for k, v in dataset["labels"].items() if k != "ignore"}
     missing = [lab.index for lab in card.labels if lab.index not in outputs]
     if missing:
         raise BadInputData(f"The model card names output label(s) {missing} that the network does not have.",
                            path=str(model.card_path or model.trainer_dir), hint="fix the card's 'labels'.")
-    plans = json.loads((model.trainer_dir / "plans.json").read_text())
-    if card.configuration not in plans.get("configurations", {}):
-        raise BadInputData(f"Configuration '{card.configuration}' is not in plans.json.",
-                           path=str(model.trainer_dir / "plans.json"), hint="fix nnunet.configuration in the card.")
+    plans = read_json_file(plans_path, "plans.json", data=content["plans.json"])
+    check_plans(plans, card.configuration, n_channels=len(channels), source=str(plans_path))
 
 
 def verify_members(model: ResolvedModel, folds: list[str]) -> dict[str, str]:
-    """Check that every member's checkpoint exists and matches the card's SHA-256.
+    """Check that every member's checkpoint exists and matches the card's SHA-256 (and that
+    ``plans.json`` and ``dataset.json`` match theirs, :func:`verify_model_files`).
 
     Returns
     -------
@@ -452,10 +738,11 @@ def verify_members(model: ResolvedModel, folds: list[str]) -> dict[str, str]:
     Raises
     ------
     MissingInput
-        A member's checkpoint is missing.
+        A member's checkpoint, ``plans.json`` or ``dataset.json`` is missing.
     BadInputData
-        A checksum does not match the card (tampered or corrupt checkpoint).
+        A checksum does not match the card (tampered or corrupt file).
     """
+    verify_model_files(model)
     digests = {}
     for fold in folds:
         ckpt = model.member_checkpoint(fold)
@@ -473,7 +760,8 @@ def verify_members(model: ResolvedModel, folds: list[str]) -> dict[str, str]:
         if not expected and not model.card.inferred:
             raise BadInputData(f"Model card gives no sha256 for member fold_{fold}.",
                                path=str(model.card_path or model.trainer_dir),
-                               hint="add the checkpoint's sha256 to the card (msxplain-tools model-card).")
+                               hint=f"add the checkpoint's sha256 to the card (sha256sum fold_{fold}/"
+                                    f"{model.card.checkpoint}).")
         digests[fold] = digest
     return digests
 
@@ -498,7 +786,7 @@ def model_refiner(model: ResolvedModel) -> Path | None:
         raise MissingInput("The model card names a refiner that is not there.", path=str(path),
                            hint="restore the model folder, or pass --refiner FILE / --refiner none.")
     digest = sha256_file(path)
-    if entry.get("sha256") and digest != entry["sha256"]:
+    if digest != str(entry["sha256"]).lower():  # the card schema requires the pin
         raise BadInputData(f"Checksum mismatch for the refiner: SHA-256 {digest[:12]}... but the model card says "
                            f"{str(entry['sha256'])[:12]}...", path=str(path),
                            hint="the file is corrupt or was replaced; re-download the model.")
@@ -689,4 +977,6 @@ def model_provenance(model: ResolvedModel, folds: list[str], digests: dict[str, 
             for f in folds
         ],
         "CardSHA256": sha256_file(model.card_path) if model.card_path else None,
+        "Files": {name: sha256_file(model.trainer_dir / name) for name in MODEL_FILES},
+        "FilesPinnedByCard": bool(card.files) and not card.inferred,
     }

@@ -345,8 +345,9 @@ def run_participant(config, log=None) -> int:
     if model.card.demo:
         LOGGER.warning("Model '%s' is a DEMO model trained on synthetic data (%s); its lesion maps are not "
                        "clinically validated. Use --model for a real model.", model.card.id, model.card.name)
-    LOGGER.info("Model %s (%s), members %s, checkpoints verified (SHA-256)", model.card.id, model.trainer_dir,
-                ", ".join(folds))
+    LOGGER.info("Model %s (%s), members %s: %s verified (SHA-256)", model.card.id, model.trainer_dir, ", ".join(folds),
+                "checkpoints, plans.json and dataset.json" if model.card.files else
+                "checkpoints (plans.json and dataset.json not pinned by the card)")
 
     layout = open_layout(ex.bids_dir)
     sessions, failed = discover(layout, model.card, ex.participant_label, ex.session_label, ex.bids_filters)

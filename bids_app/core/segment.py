@@ -13,9 +13,12 @@ stray worker processes are left behind (nnU-Net issue #1789).
 
 Network construction does not look up the trainer class by name: the network is rebuilt from
 ``plans.json`` (valid for nnU-Net's standard PlainConvUNet and ResidualEncoderUNet trainers,
-which do not override ``build_network_architecture``), and only classes from
-``dynamic_network_architectures`` and ``torch.nn`` may be named there, so that a malicious
-plans file cannot make us call an arbitrary function.
+which do not override ``build_network_architecture``). A model folder is untrusted, so every
+class name the plans give is checked against the exact allow-lists of
+:mod:`bids_app.model_safety` and imported from those tables, never located by the name itself
+(nnU-Net's ``pydoc.locate`` follows attributes: ``...unet.torch.hub.load`` is ``torch.hub.load``);
+the other names nnU-Net resolves from the plans (preprocessor, normalisation, resampling,
+label manager) are checked before :class:`EnsemblePredictor` hands the plans to nnU-Net.
 """
 
 from __future__ import annotations
@@ -32,9 +35,6 @@ from ..errors import BadInputData, UsageError
 from .imageio import from_nnunet_order, to_nnunet_order
 
 LOGGER = logging.getLogger("bids_app.core.segment")
-
-ALLOWED_ARCHITECTURE_PREFIX = "dynamic_network_architectures.architectures."
-ALLOWED_IMPORT_PREFIXES = ("torch.nn.",)
 
 
 def resolve_device(requested: str = "auto"):
@@ -64,18 +64,13 @@ def resolve_device(requested: str = "auto"):
     return torch.device("cuda", 0) if has_cuda else torch.device("cpu")
 
 
-def _check_importable_name(name: str | None, prefixes: Sequence[str], what: str) -> None:
-    if name is None:
-        return
-    if not any(str(name).startswith(p) for p in prefixes):
-        raise BadInputData(
-            f"plans.json names {what} '{name}', which is not an nnU-Net network building block.",
-            hint="only dynamic_network_architectures networks with torch.nn layers are accepted.",
-        )
-
-
 def build_network(plans: dict, configuration: str, n_input_channels: int, n_output_channels: int):
     """Build the member network from the plans, with deep supervision off.
+
+    What nnU-Net's ``get_network_from_plans(..., allow_init=False, deep_supervision=False)``
+    builds, but the network and layer classes come from the allow-lists of
+    :mod:`bids_app.model_safety` (checked by exact name, imported from the table), never from
+    ``pydoc.locate`` of a string in the plans.
 
     Parameters
     ----------
@@ -89,20 +84,37 @@ def build_network(plans: dict, configuration: str, n_input_channels: int, n_outp
     -------
     torch.nn.Module
         In eval mode, on the CPU.
+
+    Raises
+    ------
+    BadInputData
+        The plans name a class outside the allow-lists, or their network cannot be built.
     """
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    cm = PlansManager(plans).get_configuration(configuration)
-    arch_class = cm.network_arch_class_name
-    _check_importable_name(arch_class, (ALLOWED_ARCHITECTURE_PREFIX,), "the network class")
-    kwargs = cm.network_arch_init_kwargs
-    for key in cm.network_arch_init_kwargs_req_import:
-        _check_importable_name(kwargs.get(key), ALLOWED_IMPORT_PREFIXES, f"the layer '{key}'")
-    network = get_network_from_plans(
-        arch_class, kwargs, cm.network_arch_init_kwargs_req_import,
-        n_input_channels, n_output_channels, allow_init=False, deep_supervision=False,
-    )
+    from ..model_safety import check_plans, import_allowed
+
+    check_plans(plans, configuration)  # before nnU-Net's PlansManager reads anything
+    try:
+        # nnU-Net resolves inheritance and converts pre-2.4 plans (names it builds itself)
+        cm = PlansManager(plans).get_configuration(configuration)
+        arch_name = cm.network_arch_class_name
+        kwargs = dict(cm.network_arch_init_kwargs)
+        requires_import = list(cm.network_arch_init_kwargs_req_import)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise BadInputData(f"plans.json cannot be read by nnU-Net ({type(exc).__name__}: {exc}).",
+                           hint="the plans file is corrupt or not nnU-Net v2's; re-download the model.") from None
+    network_class = import_allowed(arch_name, "network")
+    for key in requires_import:  # the same check again, on the names nnU-Net produced
+        if kwargs.get(key) is not None:
+            kwargs[key] = import_allowed(kwargs[key], key)
+    kwargs["deep_supervision"] = False
+    try:
+        network = network_class(input_channels=n_input_channels, num_classes=n_output_channels, **kwargs)
+    except (TypeError, ValueError, AssertionError, IndexError, KeyError, RuntimeError) as exc:
+        raise BadInputData(f"The network in plans.json cannot be built ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}).",
+                           hint="the plans file is corrupt or was edited; re-download the model.") from None
     network.eval()
     return network
 
@@ -150,12 +162,16 @@ class EnsemblePredictor:
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+        from ..model_safety import check_dataset_json, check_plans
+
         if not members:
             raise UsageError("An ensemble needs at least one member.")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.num_threads = int(num_threads or torch.get_num_threads())
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        # every class name nnU-Net will resolve from these files is allow-listed first
+        check_plans(plans, configuration, n_channels=len(check_dataset_json(dataset_json)))
         self.plans_manager = PlansManager(plans)
         if configuration not in plans.get("configurations", {}):
             raise BadInputData(f"Configuration '{configuration}' is not in plans.json "

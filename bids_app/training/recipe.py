@@ -20,7 +20,8 @@ Steps, all recorded in the report and the model card:
    (iou_adj, t = 0.1) of the ensemble on the validation cases.
 6. **Test**: lesion-wise F1, precision, recall and DSC on the held-out synthetic test cases.
 7. **Package**: plans, dataset.json, weights-only checkpoints and the model card (SHA-256 of
-   each checkpoint, channels -> BIDS queries, labels, thresholds, recipe, measured figures).
+   each checkpoint and of plans.json and dataset.json, channels -> BIDS queries, labels,
+   thresholds, recipe, measured figures).
 """
 
 from __future__ import annotations
@@ -338,7 +339,7 @@ def package(cfg: RecipeConfig, kept: list[str], tuning: dict, test: dict, cases:
             hardware: dict) -> Path:
     import torch
 
-    from ..models import CARD_NAME, CARD_VERSION, load_checkpoint, sha256_file
+    from ..models import CARD_NAME, CARD_VERSION, load_checkpoint, pin_model_files, sha256_file
 
     src = cfg.trainer_dir
     dest = cfg.out_model / cfg.dataset / src.name
@@ -384,6 +385,7 @@ def package(cfg: RecipeConfig, kept: list[str], tuning: dict, test: dict, cases:
                                         f"{len(cases['val'])} held-out synthetic validation subjects"},
         "reference_lesion_load": float(np.mean(train_fraction)) if train_fraction else 0.001,
         "members": members,
+        "files": pin_model_files(dest),
         "training": {
             "data": {"generator": "bids_app.synth (msxplain-tools synth)", "n_train": cfg.n_train,
                      "n_val": cfg.n_val, "n_test": cfg.n_test, "resolution_mm": cfg.resolution_mm,

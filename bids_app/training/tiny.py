@@ -87,7 +87,7 @@ def build_tiny_model(out_dir: str | Path, n_members: int = 3, iterations: int = 
     """
     import torch
 
-    from ..models import CARD_NAME, CARD_VERSION, sha256_file
+    from ..models import CARD_NAME, CARD_VERSION, pin_model_files, sha256_file
 
     out_dir = Path(out_dir)
     trainer_dir = out_dir / TINY_DATASET / TINY_TRAINER_DIR
@@ -144,6 +144,7 @@ def build_tiny_model(out_dir: str | Path, n_members: int = 3, iterations: int = 
         "postprocessing": {"threshold": 0.5, "min_lesion_size": 3, "connectivity": 18},
         "reference_lesion_load": 0.001,
         "members": members,
+        "files": pin_model_files(trainer_dir),
         "training": {"data": "synthetic blobs (bids_app.training.tiny)", "iterations": iterations,
                      "optimizer": "Adam lr 3e-3, weighted cross-entropy"},
     }
