@@ -140,7 +140,8 @@ _SUBJECT_TOKEN = re.compile(r"sub[-_]([A-Za-z0-9]+)")
 
 def split_run_log(run_log: Path, subjects: list[str]) -> dict[str, str]:
     """The part of a run log that concerns each subject: its own lines and the run's general
-    lines (those that name no subject); a record's continuation lines follow their first line.
+    lines (those that name no subject); a record's continuation lines follow their first line
+    unless they name subjects themselves.
 
     Parameters
     ----------
@@ -158,11 +159,13 @@ def split_run_log(run_log: Path, subjects: list[str]) -> dict[str, str]:
     texts: dict[str, list[str]] = {s: [] for s in subjects}
     owners: set[str] | None = None
     for line in run_log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        named = set(_SUBJECT_TOKEN.findall(line)) or None
         if _starts_record(line):
-            named = set(_SUBJECT_TOKEN.findall(line))
-            owners = None if not named else named
+            owners = line_owners = named
+        else:  # a continuation line (a list of nodes, a traceback) that names subjects is theirs
+            line_owners = named or owners
         for subject in subjects:
-            if owners is None or subject in owners:
+            if line_owners is None or subject in line_owners:
                 texts[subject].append(line)
     return {s: "".join(lines) for s, lines in texts.items()}
 

@@ -300,3 +300,24 @@ def test_offline_participant_run_without_templates_fails_before_processing(tiny_
     assert code == 66, err
     assert "fetch-templates" in err and "res-02_T1w" in err
     assert not out.exists() or not any(out.rglob("*.nii.gz"))
+
+
+def test_split_run_log_gives_each_subject_its_lines(tmp_path):
+    from bids_app.runlog import split_run_log
+
+    log = tmp_path / "run.log"
+    log.write_text(
+        "2026-12-04 10:00:00,000 | INFO | MainProcess | bids_app | msxplain, participant level\n"
+        "2026-12-04 10:00:01,000 | INFO | MainProcess | bids_app | [sub-01] predict: started\n"
+        "2026-12-04 10:00:02,000 | INFO | MainProcess | nipype.workflow | [MultiProc] pending:\n"
+        "\t* wf.sub_01_wf.conform\n"
+        "\t* wf.sub_02_wf.conform\n"
+        "2026-12-04 10:00:03,000 | ERROR | MainProcess | bids_app | [sub-02] conform: FAILED\n"
+        "Traceback (most recent call last):\n"
+        "ValueError: bad\n")
+    parts = split_run_log(log, ["01", "02"])
+    assert "participant level" in parts["01"] and "participant level" in parts["02"]
+    assert "[sub-01] predict" in parts["01"] and "[sub-01] predict" not in parts["02"]
+    assert "sub_01_wf.conform" in parts["01"] and "sub_02_wf" not in parts["01"]
+    assert "sub_02_wf.conform" in parts["02"] and "sub_01_wf" not in parts["02"]
+    assert "ValueError: bad" in parts["02"] and "ValueError" not in parts["01"]
