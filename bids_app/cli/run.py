@@ -314,7 +314,7 @@ def run_participant(config, log=None) -> int:
     """The participant level: validate, resolve the model, discover, build, run, report."""
     from nipype import config as nipype_config
 
-    from ..derivatives import remove_stale_staging, write_dataset_files
+    from ..derivatives import dataset_authors, remove_stale_staging, write_dataset_files
     from ..runlog import route_nipype_logging
     from ..discovery import discover, open_layout
     from ..models import check_consistency, resolve_model, select_members, verify_members
@@ -379,7 +379,8 @@ def run_participant(config, log=None) -> int:
                 LOGGER.info("%s evaluated against %s", s.name, ref.reason)
                 references[s.name] = ref
     settings = resolve_settings(config, model, digests, references)
-    write_dataset_files(ex.output_dir, ex.bids_dir, __version__)
+    authors = dataset_authors(model.card.raw)
+    write_dataset_files(ex.output_dir, ex.bids_dir, __version__, authors=authors)
     remove_stale_staging(ex.output_dir)
     log_dir = ex.output_dir / "logs"
     from ..derivatives import atomic_write_text, dumps_json
@@ -438,7 +439,7 @@ def run_participant(config, log=None) -> int:
         for name, value in collect_crashes(crash_dir, sessions).items():
             failures.setdefault(name, value)
     _copy_crash_logs(failures, ex.output_dir, ex.run_uuid)
-    write_dataset_files(ex.output_dir, ex.bids_dir, __version__)
+    write_dataset_files(ex.output_dir, ex.bids_dir, __version__, authors=authors)
     from ..reports.participant import build_reports
 
     build_reports(ex.output_dir, sorted({f"sub-{s.subject}" for s in sessions} |
