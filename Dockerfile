@@ -48,10 +48,9 @@ COPY docker /opt/msxplain/docker
 RUN if [ "$TEMPLATE_SOURCE" = "local" ]; then \
         mkdir -p "$TEMPLATEFLOW_HOME" && cp -r docker/templateflow/. "$TEMPLATEFLOW_HOME"/; \
     else \
-        /opt/venv/bin/python docker/fetch_templates.py; \
+        /opt/venv/bin/msxplain-tools fetch-templates; \
     fi \
-    && /opt/venv/bin/python -c "from bids_app.templates import brain_mask_template, feature_templates; \
-brain_mask_template(); feature_templates('none')"
+    && /opt/venv/bin/msxplain-tools fetch-templates --check
 
 # optional extra model (e.g. the published CL model), checksum-verified, safely extracted
 RUN if [ -n "$MODEL_URL" ]; then \

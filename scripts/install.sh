@@ -7,6 +7,8 @@
 #   MSXPLAIN_VENV=<dir>|system   where to install (default: .venv next to this repository)
 #   MSXPLAIN_EXTRAS=test|""      optional dependency groups (default: test)
 #   MSXPLAIN_EDITABLE=1|0        editable install of the package (default: 1)
+#   MSXPLAIN_TORCH=default|cpu   default: PyPI's torch wheels (with CUDA on Linux x86-64, ~4 GB);
+#                                cpu: PyTorch's CPU-only wheel index (~200 MB; docs/install.md)
 #   PYTHON=python3.11            interpreter used to create the venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,13 @@ PIP=("$PY" -m pip)
 
 "${PIP[@]}" install --quiet --upgrade pip
 # torch first and pinned: nnunetv2 would otherwise pull whatever torch is newest
-"${PIP[@]}" install --quiet torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX=()
+case "${MSXPLAIN_TORCH:-default}" in
+    default) ;;
+    cpu) TORCH_INDEX=(--index-url https://download.pytorch.org/whl/cpu) ;;
+    *) echo "install: MSXPLAIN_TORCH must be 'default' or 'cpu'" >&2; exit 64 ;;
+esac
+"${PIP[@]}" install --quiet "${TORCH_INDEX[@]}" torch==2.14.1 torchvision==0.29.1
 spec="."
 [ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
 if [ "$EDITABLE" = "1" ]; then
