@@ -8,7 +8,17 @@ reversed accordingly (``nnunet_mechanics.md`` §1.4); :func:`to_nnunet_order` an
 Loading never trusts a file blindly: :func:`load_image` raises
 :class:`~bids_app.errors.BadInputData` or :class:`~bids_app.errors.MissingInput` with a
 one-line message naming the file for the failure modes seen in real datasets (zero-byte or
-truncated files, 4D images, NaN voxels, singular affines, disagreeing qform/sform).
+truncated files, 4D images, NaN voxels, singular affines, disagreeing qform/sform), and for
+hostile or broken files: RGB or complex voxel types, intensities that overflow nnU-Net's
+float32 z-score, and **resource bombs**.
+
+Resource limits: before any voxel is read, the size the header declares (voxels x bytes per
+voxel, and voxels x 4 for the float32 copy every channel becomes) and, for ``.nii.gz``, the
+decompressed size (streamed in 1 MiB chunks, never held in memory) must stay under
+:func:`max_image_bytes`: :data:`DEFAULT_MAX_IMAGE_BYTES` (1 GiB, room for a 7T 0.5 mm whole
+brain, 512 x 512 x 400 voxels stored as float64), or the environment variable
+``MSXPLAIN_MAX_IMAGE_BYTES`` (bytes, or with a unit: ``2G``, ``1500M``). The variable is read
+at every load, so it reaches Nipype's worker processes and SLURM jobs through the environment.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import BadInputData, MissingInput
+from ..errors import BadInputData, MissingInput, UsageError
 
 #: largest plausible voxel side in mm (thick clinical slices reach ~6 mm; 20 mm is absurd)
 MAX_VOXEL_MM = 20.0
@@ -30,6 +40,20 @@ MAX_VOXEL_MM = 20.0
 MIN_VOXEL_MM = 0.05
 #: qform and sform are said to disagree above this many mm anywhere in the field of view
 QFORM_SFORM_TOLERANCE_MM = 1.0
+#: environment variable that overrides :data:`DEFAULT_MAX_IMAGE_BYTES`
+MAX_IMAGE_BYTES_ENV = "MSXPLAIN_MAX_IMAGE_BYTES"
+#: largest image accepted by default: 1 GiB. A 7T 0.5 mm whole brain (480 x 480 x 400 voxels) is
+#: 0.37 GB as float32; 512 x 512 x 400 stored as float64 is 0.84 GB
+DEFAULT_MAX_IMAGE_BYTES = 1 << 30
+#: a .nii.gz may hold this much beyond header + voxels (NIfTI extensions, padding)
+DECOMPRESSED_SLACK_BYTES = 1 << 20
+#: largest |intensity| accepted. nnU-Net z-scores each channel in float32: with |x| <= 1e15 the
+#: sum of squares of 3e8 voxels (more than the size limit allows) stays under the float32 maximum
+#: (3.4e38); above it the deviation overflows and every probability becomes NaN. MR intensities
+#: are < 1e7 in every scanner unit seen so far
+MAX_ABS_INTENSITY = 1e15
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
+          "T": 1 << 40, "TB": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -66,6 +90,146 @@ def _check_readable(path: Path) -> None:
         raise BadInputData("Image file is empty (0 bytes).", path=str(path), hint="re-export or re-copy the scan.")
 
 
+def max_image_bytes() -> int:
+    """The per-image size limit in bytes: ``MSXPLAIN_MAX_IMAGE_BYTES`` or the default (1 GiB).
+
+    Raises
+    ------
+    UsageError
+        The variable is not a positive size (e.g. ``2G``, ``1500M``, ``800000000``).
+    """
+    raw = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_BYTES
+    text = raw.upper().replace(" ", "").removesuffix("IB")
+    digits = text.rstrip("KMGTB")
+    unit = text[len(digits):]
+    try:
+        value = int(float(digits) * _UNITS[unit])
+    except (KeyError, ValueError):
+        value = 0
+    if value <= 0:
+        raise UsageError(f"{MAX_IMAGE_BYTES_ENV}={raw!r} is not a size.",
+                         hint=f"give bytes or a size with a unit, e.g. {MAX_IMAGE_BYTES_ENV}=2G.")
+    return value
+
+
+def _size_text(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_declared_size(shape: tuple[int, ...], dtype: np.dtype, path: str, limit: int | None = None) -> int:
+    """Refuse an image whose header declares more voxel data than the limit allows.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape from the header.
+    dtype : numpy dtype
+        On-disk voxel type from the header.
+    path : str
+        For the message.
+    limit : int, optional
+        Bytes (default: :func:`max_image_bytes`).
+
+    Returns
+    -------
+    int
+        Bytes of voxel data the header declares (on disk, uncompressed).
+
+    Raises
+    ------
+    BadInputData
+        ``voxels x max(bytes per voxel, 4)`` exceeds the limit (the 4: every channel becomes a
+        float32 array).
+    """
+    limit = max_image_bytes() if limit is None else int(limit)
+    n_voxels = 1
+    for s in shape:
+        n_voxels *= int(s)  # Python ints: 4000^3 x 8 must not wrap around
+    declared = n_voxels * int(dtype.itemsize)
+    needed = n_voxels * max(int(dtype.itemsize), 4)
+    if needed > limit:
+        dims = " x ".join(str(int(s)) for s in shape)
+        raise BadInputData(
+            f"Image too large: the header declares {dims} voxels of {dtype} ({_size_text(needed)} in memory), "
+            f"over the limit of {_size_text(limit)}.",
+            path=path,
+            hint=f"check the header (a corrupt or hostile file?); for a genuinely larger image raise the limit, "
+                 f"e.g. {MAX_IMAGE_BYTES_ENV}={-(-needed // (1 << 30)) + 1}G.",
+        )
+    return declared
+
+
+def check_decompressed_size(path: str | os.PathLike, limit: int) -> int:
+    """Decompress a ``.nii.gz`` in 1 MiB chunks, discarding them, and stop past ``limit`` bytes.
+
+    Memory stays at one chunk whatever the file inflates to; every gzip member counts (the
+    ISIZE trailer holds the size modulo 4 GiB of the last member only, so it is not trusted).
+
+    Returns
+    -------
+    int
+        Decompressed bytes.
+
+    Raises
+    ------
+    BadInputData
+        The file inflates past ``limit`` (a decompression bomb), or is not valid gzip.
+    """
+    total = 0
+    try:
+        with gzip.open(path, "rb") as handle:
+            while True:
+                chunk = handle.read(1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > limit:
+                    raise BadInputData(
+                        f"Compressed image inflates to more than {_size_text(limit)} ({os.path.getsize(path)} bytes "
+                        f"on disk), more than its header declares (header, voxels and 1 MiB of extensions).",
+                        path=str(path),
+                        hint="the file is corrupt or a decompression bomb; re-export it from the scanner/converter.",
+                    )
+    except (EOFError, OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise BadInputData(
+            f"Image data cannot be read, the file is truncated or corrupt ({type(exc).__name__}).",
+            path=str(path),
+            hint="re-copy the file; check that the transfer completed.",
+        ) from exc
+    return total
+
+
+def check_voxel_type(dtype: np.dtype, path: str) -> None:
+    """Refuse voxel types that are not one real number per voxel (RGB, complex).
+
+    A complex image cast to float32 keeps only its real part (numpy warns and drops the
+    imaginary part), which is not the magnitude image the network was trained on.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.fields is not None or dtype.kind == "V":
+        raise BadInputData(
+            f"Image voxels are a record type ({', '.join(dtype.names or ()) or dtype}), e.g. RGB colour, "
+            "not intensities.",
+            path=path,
+            hint="give the scanner's greyscale image (RGB files are screenshots or colour maps).",
+        )
+    if dtype.kind == "c":
+        raise BadInputData(
+            f"Image voxels are complex ({dtype}); msxplain would have to drop the imaginary part.",
+            path=path,
+            hint="give the magnitude image (e.g. numpy.abs of the complex data, or the scanner's magnitude "
+                 "reconstruction).",
+        )
+    if dtype.kind not in "biuf":
+        raise BadInputData(f"Image voxel type {dtype} is not numeric.", path=path,
+                           hint="re-export the scan as integers or floats.")
+
+
 def load_image(path: str | os.PathLike, *, dtype=np.float32, check_values: bool = True) -> Image:
     """Read a 3D NIfTI image and check that it is usable.
 
@@ -87,7 +251,9 @@ def load_image(path: str | os.PathLike, *, dtype=np.float32, check_values: bool 
         The file does not exist.
     BadInputData
         Zero-byte, truncated or corrupt file; not 3D; singular or absurd affine; NaN/Inf
-        voxels; an all-zero image.
+        voxels; an all-zero image; RGB or complex voxels; intensities beyond
+        :data:`MAX_ABS_INTENSITY`; larger than :func:`max_image_bytes` (checked from the header,
+        and for ``.nii.gz`` by streaming the decompression, before any voxel is read).
     """
     path = Path(path)
     _check_readable(path)
@@ -114,6 +280,13 @@ def load_image(path: str | os.PathLike, *, dtype=np.float32, check_values: bool 
             path=str(path),
             hint="provide a 3D acquisition with at least 2 voxels along every axis.",
         )
+    check_voxel_type(img.get_data_dtype(), str(path))
+    limit = max_image_bytes()
+    declared = check_declared_size(tuple(img.shape), img.get_data_dtype(), str(path), limit)
+    if path.name.endswith(".gz"):
+        # the header bounds what nibabel reads, but the file must not inflate beyond it either
+        offset = int(img.header.get("vox_offset", 352)) if hasattr(img.header, "get") else 352
+        check_decompressed_size(path, min(declared + offset, limit) + DECOMPRESSED_SLACK_BYTES)
     affine = check_affine(img, str(path))
     try:
         data = np.asarray(img.dataobj)
@@ -124,6 +297,9 @@ def load_image(path: str | os.PathLike, *, dtype=np.float32, check_values: bool 
             hint="re-copy the file; check that the transfer completed.",
         ) from exc
     data = data.reshape(shape)
+    if check_values:
+        # before the cast: a float64 1e39 would become an Inf voxel and be misreported as one
+        check_intensity_range(data, str(path))
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     if check_values:
@@ -185,6 +361,32 @@ def check_values_usable(data: np.ndarray, path: str | None) -> None:
         )
     if not np.any(data):
         raise BadInputData("Image is all zeros.", path=path, hint="check the conversion from DICOM.")
+
+
+def check_intensity_range(data: np.ndarray, path: str | None) -> None:
+    """Refuse intensities whose float32 z-score (nnU-Net's normalisation) would overflow.
+
+    Parameters
+    ----------
+    data : ndarray, shape (X, Y, Z)
+        Any numeric array (NaN voxels are left to :func:`check_values_usable`).
+
+    Raises
+    ------
+    BadInputData
+        Some ``|value| > MAX_ABS_INTENSITY`` (1e15).
+    """
+    if data.size == 0 or data.dtype.kind == "b":
+        return
+    # min and max as Python floats: np.abs of the most negative int64 would wrap around
+    peak = max(abs(float(np.max(data))), abs(float(np.min(data))))
+    if peak > MAX_ABS_INTENSITY:
+        raise BadInputData(
+            f"Image intensities reach {peak:.3g}, beyond {MAX_ABS_INTENSITY:.0e}: nnU-Net's float32 "
+            f"normalisation would overflow and give NaN probabilities.",
+            path=path,
+            hint="rescale the image (e.g. divide by its maximum) or fix scl_slope in the header.",
+        )
 
 
 def save_image(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *, dtype=None) -> Path:
