@@ -110,8 +110,6 @@ class Config:
         UsageError
             Output or work folder inside the input dataset; input inside the output.
         """
-        from .cli.parser import default_nprocs
-
         bids_dir = Path(ns.bids_dir).expanduser()
         if not bids_dir.is_dir():
             raise MissingInput("The BIDS dataset folder does not exist.", path=str(bids_dir),
@@ -223,3 +221,11 @@ class Config:
 
     def replace(self, **sections) -> Config:
         return dataclasses.replace(self, **sections)
+
+
+def default_nprocs() -> int:
+    """CPUs this process may use (respects affinity masks, e.g. SLURM's cgroups)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)

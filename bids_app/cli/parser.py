@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -324,11 +323,3 @@ def build_parser() -> UsageArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; raises SystemExit(64/17) on usage errors like the BIDS-Apps spec asks."""
     return build_parser().parse_args(argv)
-
-
-def default_nprocs() -> int:
-    """CPUs this process may use (respects affinity masks, e.g. SLURM's cgroups)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
