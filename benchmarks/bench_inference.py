@@ -47,7 +47,7 @@ def build_model(results: Path, plans_kind: str, members: int, n_channels: int = 
     from bids_app.training.plans import make_plans
 
     if plans_kind == "default":
-        # what nnUNetv2_plan_experiment plans for 1 mm brains (nnunet_mechanics.md §3.1)
+        # what nnUNetv2_plan_experiment plans for 1 mm brains (measured with nnU-Net 2.8.1)
         plans = make_plans(DATASET, n_channels, (1.0, 1.0, 1.0), (128, 128, 128), (32, 64, 128, 256, 320, 320),
                            median_shape_xyz=(182, 218, 182), plans_name="nnUNetPlans")
     else:

@@ -1,7 +1,7 @@
 """Run configuration: one frozen object, built once from the command line, passed explicitly.
 
-No module-level singleton (fMRIPrep's ``config`` module is the cautionary example in
-``architecture.md`` §1.7): the workflow builders receive a :class:`Config`, Nipype workers
+No module-level singleton (fMRIPrep's ``config`` module, a process-wide global that Nipype workers
+re-read from a file, is the cautionary example): the workflow builders receive a :class:`Config`, Nipype workers
 receive plain traits. ``Config.to_dict()`` is what the run records in its log folder, and
 ``Config.from_dict()`` reads it back (``--config-file``) so a run can be repeated exactly.
 """

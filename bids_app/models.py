@@ -14,7 +14,7 @@ A *model* is an nnU-Net v2 trained-model folder (``plans.json``, ``dataset.json`
 Model files are untrusted input (a model zip from the internet can carry code): archives are
 extracted with path-traversal, link and size checks, and checkpoints are read with
 ``torch.load(weights_only=True)`` and an allow-list of the two numpy globals that nnU-Net
-checkpoints contain (``nnunet_mechanics.md`` §1.3). Every class name in ``plans.json`` and
+checkpoints contain (their optimizer and logging state). Every class name in ``plans.json`` and
 ``dataset.json`` that nnU-Net would resolve must be in the exact allow-lists of
 :mod:`bids_app.model_safety` (:func:`check_consistency`, and again where the network is built,
 :func:`bids_app.core.segment.build_network`). The card itself is validated field by field:

@@ -1,8 +1,9 @@
 """Evaluation against a reference: lesion detection, DSC / nDSC, voxel rates, calibration and
 error retention curves (pure numpy, no file I/O).
 
-Definitions follow ``algorithms.md`` §1.6 (lesion-wise detection, Bench-Explain /
-interpret-lesion-unc), §2.7 (retention curves) and §2.8 (nDSC); ``docs/uncertainty.md`` lists the
+Definitions follow the papers' public code: lesion-wise detection as in Molchanova et al.,
+arXiv:2507.12092 (Bench-Explain) and arXiv:2407.05761 (interpret-lesion-unc); retention curves and
+nDSC as in Molchanova et al., arXiv:2311.08931 (MS_WML_uncs, Shifts); ``docs/uncertainty.md`` lists the
 conventions (zero denominators, tie-breaks, AUC vs AAC).
 
 * Masks are ``(X, Y, Z)``; a 2-D mask ``(X, Y)`` is treated as the one-slice volume

@@ -3,7 +3,7 @@
 What is explained (``docs/explain.md`` gives the reasons and the measurements):
 
 * the **target scalar** of lesion ``l`` is ``S_l = sum_{v in V_l} z_c(v)``, the pre-softmax
-  logit of the lesion's class ``c`` summed over the lesion's voxels (``algorithms.md`` §4.4),
+  logit of the lesion's class ``c`` summed over the lesion's voxels (arXiv:2406.09335),
   computed by the network with **deep supervision off** (only the full-resolution head) and
   **without test-time mirroring** (the un-mirrored network; ``mirror_axes`` averages over
   flips for SmoothGrad when asked);

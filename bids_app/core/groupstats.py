@@ -2,7 +2,7 @@
 
 * :func:`bootstrap_mean` / :func:`bootstrap_stand_err` / :func:`summarise`: mean, sd, median,
   percentile bootstrap CI (seeded, ``n_boot`` full-size resamples) and the bootstrap SE of
-  ``algorithms.md`` §1.6.9 (std of the means of half-size resamples with replacement, seed 0,
+  arXiv:2407.05761 (std of the means of half-size resamples with replacement, seed 0,
   exactly as interpret-lesion-unc's ``bootstrap_stand_err``), overall and per site / domain.
 * :func:`assign_domain`, :func:`detection_summary`: pooled (summed counts) and per-session
   (mean [CI]) lesion detection metrics, overall, per site and in- vs out-of-domain.
@@ -44,7 +44,7 @@ NON_METRIC_COLUMNS: frozenset[str] = frozenset({
 SUMMARY_COLUMNS: tuple[str, ...] = ("group_by", "group", "variable", "n", "mean", "sd", "median", "ci_low", "ci_high",
                                     "se")
 
-#: the spec's grid (algorithms.md §3.6): 8 x 5 x 5 = 200 candidates
+#: the grid of interpret-lesion-unc's elasticnet_repeated_cv.py (arXiv:2504.04814): 8 x 5 x 5 = 200 candidates
 FULL_ELASTICNET_GRID: dict[str, list] = {
     "rfe__n_features_to_select": [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0],
     "elasticnet__alpha": [float(a) for a in np.logspace(-4, 2, 5)],
@@ -78,7 +78,7 @@ def _clean(values) -> np.ndarray:
 
 
 def bootstrap_stand_err(values, n_iter: int = 1000, sample_frac: float = 0.5, seed: int = 0) -> float:
-    """Bootstrap standard error of ``algorithms.md`` §1.6.9.
+    """Bootstrap standard error (interpret-lesion-unc's ``bootstrap_stand_err``, arXiv:2407.05761).
 
     The population standard deviation of the means of ``n_iter`` resamples of
     ``round(n * sample_frac)`` values drawn with replacement, from ``np.random.RandomState(seed)``:
@@ -666,7 +666,7 @@ def explain_uncertainty(
     engine: str = "fast",
     n_jobs: int | None = None,
 ) -> ExplanationResult:
-    """The uncertainty-explanation regression of ``algorithms.md`` §3.6.
+    """The uncertainty-explanation regression of arXiv:2504.04814 (``docs/features.md`` §3.4).
 
     For each random state ``rs`` (default ``0..n_repeats-1``): a grid search over the
     candidates with ``KFold(n_splits, shuffle=True, random_state=rs)``, scored with R²,

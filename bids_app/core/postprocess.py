@@ -1,7 +1,8 @@
 """Post-processing: probabilities -> binary lesion masks and a lesion instance map.
 
 Conventions (shared by every module that thresholds probabilities, so that ensemble and
-member masks are built identically, as ``algorithms.md`` §2.2 and §3.4 require):
+member masks are built identically, as the uncertainty measures of arXiv:2311.08931 and
+arXiv:2407.05761 require):
 
 * a voxel is foreground when ``p >= threshold`` (``>=`` as in MS_WML_uncs ``process_probs``);
 * connected components use 6-, 18- or 26-connectivity (faces, +edges, +corners);

@@ -1,7 +1,7 @@
 """The nnU-Net adapter: per-member softmax probabilities in the input image's geometry.
 
 This is the only module of msxplain that imports :mod:`nnunetv2`. nnU-Net's predictor
-averages the **logits** of the folds before the softmax (``nnunet_mechanics.md`` §1.2), which
+averages the **logits** of the folds before the softmax (``nnUNetPredictor.predict_logits_from_preprocessed_data``), which
 throws away the disagreement that deep-ensemble uncertainty needs. :class:`EnsemblePredictor`
 therefore runs nnU-Net's own preprocessing once and then, for each member, nnU-Net's own
 sliding-window inference (Gaussian weighting, optional mirroring) and nnU-Net's own export

@@ -1,6 +1,7 @@
 """Voxel-, lesion- and patient-scale uncertainty of a deep ensemble (pure numpy, no file I/O).
 
-Definitions follow ``algorithms.md`` §2.3-§2.5 and §3.4 (MS_WML_uncs and interpret-lesion-unc);
+Definitions follow Molchanova et al., arXiv:2311.08931 (MS_WML_uncs) and arXiv:2407.05761
+(interpret-lesion-unc);
 ``docs/uncertainty.md`` lists every convention and every NaN / -inf case. In short:
 
 * inputs are per-member class probabilities ``member_probs`` of shape ``(M, C, X, Y, Z)``

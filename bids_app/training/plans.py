@@ -1,6 +1,6 @@
 """nnU-Net v2 plans for small networks.
 
-``reduce_plans`` applies the reduced-plans recipe measured in ``nnunet_mechanics.md`` §2.3 to
+``reduce_plans`` applies the reduced-plans recipe of ``docs/demo-model.md`` (fewer stages, narrower) to
 plans written by ``nnUNetv2_plan_experiment``; ``make_plans`` writes plans of the same
 structure from scratch (used by the tiny test model, where running nnU-Net's planner would
 cost ~25 s per test session).
@@ -107,7 +107,7 @@ def reduce_plans(
     spacing_xyz: Sequence[float] | None = None,
     batch_size: int | None = None,
 ) -> dict:
-    """Shrink the ``3d_fullres`` network of real nnU-Net plans (``nnunet_mechanics.md`` §2.3).
+    """Shrink the ``3d_fullres`` network of real nnU-Net plans (recipe: ``docs/demo-model.md``).
 
     Keeps nnU-Net's normalisation and resampling; shortens the per-stage lists to
     ``len(features)`` stages; keeps only ``3d_fullres``. ``data_identifier`` is left unchanged

@@ -16,7 +16,7 @@ from bids_app.core.postprocess import (
 
 
 def test_connectivity_reference_vector():
-    # algorithms.md §1.10: these voxels give 3 / 2 / 1 components with 6 / 18 / 26-connectivity
+    # the CL benchmark's validation vector (arXiv:2507.12092): 3 / 2 / 1 components with 6 / 18 / 26-connectivity
     mask = np.zeros((5, 5, 5), bool)
     for v in [(1, 1, 1), (1, 2, 1), (2, 2, 2), (3, 3, 1)]:
         mask[v] = True
