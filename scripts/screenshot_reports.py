@@ -3,11 +3,19 @@
 
 Usage::
 
-    python scripts/screenshot_reports.py OUTPUT_DIR [--participant sub-001] [--docs docs]
-                                         [--width 1400] [--height 4200] [--max-bytes 1000000]
+    python scripts/screenshot_reports.py OUTPUT_DIR [--participant sub-001] [--group-output DIR]
+                                         [--docs docs] [--width 1400] [--height 3900] [--max-bytes 1000000]
 
-``OUTPUT_DIR`` is an msxplain output folder after the participant and group levels (e.g. the
-one ``scripts/demo.sh`` writes). Writes ``docs/report-participant.png`` and
+``OUTPUT_DIR`` is an msxplain output folder after the participant level (and the group level,
+unless ``--group-output`` names another one). The screenshots in ``docs/`` were made with::
+
+    python scripts/patient07_bids.py P07 && msxplain P07 P07_OUT participant --no-tta \
+        --reference-masks P07/derivatives/reference          # real FLAIR/T1 + expert mask
+    msxplain-tools synth BIDS --n-subjects 2 --sites 2 --seed 7 --resolution 1.0 --skull-stripped
+    msxplain BIDS OUT participant --no-tta --reference-masks BIDS/derivatives/lesions
+    msxplain BIDS OUT group
+    python scripts/screenshot_reports.py P07_OUT --group-output OUT
+ Writes ``docs/report-participant.png`` and
 ``docs/report-group.png``: the page at ``--width`` CSS pixels, the first ``--height`` pixels
 of it, reduced to a 256-colour palette (:func:`to_palette`; and, if still above
 ``--max-bytes``, downscaled) so that each file stays small. Needs Debian's ``chromium`` (or
@@ -96,13 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=Path(__file__).resolve().parent.parent / "docs",
                         help="where the PNG files go (default: the repository's docs/)")
     parser.add_argument("--width", type=int, default=1400, help="window width in CSS pixels (default 1400)")
-    parser.add_argument("--height", type=int, default=4200, help="page height captured, in pixels (default 4200)")
+    parser.add_argument("--group-output", type=Path, help="output folder of the group report (default: OUTPUT_DIR)")
+    parser.add_argument("--height", type=int, default=3900, help="page height captured, in pixels (default 3900)")
     parser.add_argument("--group-height", type=int, default=3400, help="the same for the group report")
     parser.add_argument("--max-bytes", type=int, default=1_000_000, help="size limit per PNG (default 1 MB)")
     args = parser.parse_args(argv)
     pages = sorted(args.output_dir.glob("sub-*.html"))
     participant = args.output_dir / f"{args.participant}.html" if args.participant else (pages[0] if pages else None)
-    group = args.output_dir / "group" / "group_report.html"
+    group = (args.group_output or args.output_dir) / "group" / "group_report.html"
     for page, name, height in ((participant, "report-participant.png", args.height),
                                (group, "report-group.png", args.group_height)):
         if page is None or not page.is_file():
