@@ -262,8 +262,8 @@ def _group_result(n_subjects: int):
                   "summary": {"model": "ElasticNet", "cv_r2_mean": 0.1, "cv_r2_sd": 0.05, "n_repeats": 5},
                   "n_lesions": 40}
     return SimpleNamespace(sessions=sessions, lesions=pd.DataFrame(), notes=[],
-                           retention_curves={("PSU", "DSC"): curve}, retention=None, detection=None, regression=regression, icc=None,
-                           summary=pd.DataFrame(columns=["variable"]))
+                           retention_curves={("PSU", "DSC"): curve}, retention=None, detection=None,
+                           regression=regression, icc=None, summary=pd.DataFrame(columns=["variable"]))
 
 
 def test_group_report_caveat_strip_plots_and_frequency_map(tmp_path):
@@ -281,6 +281,7 @@ def test_group_report_caveat_strip_plots_and_frequency_map(tmp_path):
     text = visible_text(page)
     assert text.count("n &lt; 10: descriptive only") >= 3  # top, retention curves, regression
     assert "lesion frequency map in three planes" in page and "Lesion frequency in MNI space" in text
+    assert "over the template's T1w image" in text
     page_big = write_group_report(tmp_path, _group_result(12)).read_text()
     assert "descriptive only" not in page_big
 

@@ -51,19 +51,22 @@ def frequency_section(output_dir: Path, n_sessions: int) -> str:
     img = nib.as_closest_canonical(nib.load(str(path)))
     frequency = np.asarray(img.dataobj, dtype=np.float32)
     template = None
-    try:
-        from ..templates import template_file
+    try:  # the cached template only: drawing a report never downloads anything
+        from ..templates import local_template_file
 
-        timg = nib.as_closest_canonical(nib.load(str(template_file(resolution=2, suffix="T1w"))))
-        if timg.shape[:3] == frequency.shape[:3]:
+        cached = local_template_file(resolution=2, suffix="T1w")
+        timg = nib.as_closest_canonical(nib.load(str(cached))) if cached is not None else None
+        if timg is not None and timg.shape[:3] == frequency.shape[:3]:
             template = np.asarray(timg.dataobj, dtype=np.float32)
     except Exception:  # noqa: BLE001 - the map is still shown (as projections) without the template
         template = None
     uri = figures.frequency_figure(frequency, template, img.header.get_zooms()[:3], n_sessions)
+    shown = ("slices through the most lesion frequency, over the template's T1w image" if template is not None
+             else "maximum projections (the template's T1w image is not in the TemplateFlow cache)")
     return ("<h2>Lesion frequency in MNI space</h2>"
             f"<img alt='lesion frequency map in three planes' src='{uri}'>"
-            f"<p class='small'>Fraction of sessions with a lesion at each voxel of MNI152NLin2009cAsym (2 mm); "
-            f"file <code>{esc(path.name)}</code>.</p>")
+            f"<p class='small'>Fraction of sessions with a lesion at each voxel of MNI152NLin2009cAsym (2 mm): "
+            f"{shown}; file <code>{esc(path.name)}</code>.</p>")
 
 
 def write_group_report(output_dir: Path, result) -> Path:
