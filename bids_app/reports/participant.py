@@ -154,7 +154,8 @@ def _lesion_figure(anat: Path, prefix: str, output_dir: Path, images: dict, zoom
                                       f"{figures.EVAL_EXPLANATIONS[k]}")) for k in keys]))
         if missed is None:
             why = (f"reference mask {', '.join(missing_files)} not found" if missing_files
-                   else "reference mask not readable on this grid")
+                   else "reference mask not on this grid" if ref_files
+                   else f"{prefix}_desc-evaluation_metrics.json names no reference file")
             parts.append(f"<p class='small'>Missed lesions are not outlined ({esc(why)}); their count is "
                          "in the evaluation table.</p>")
         outline = categories
