@@ -108,7 +108,8 @@ class Config:
         MissingInput
             ``bids_dir`` does not exist.
         UsageError
-            Output or work folder inside the input dataset; input inside the output.
+            Output or work folder inside the input dataset; input inside the output; work folder
+            equal to the output folder or inside it.
         """
         bids_dir = Path(ns.bids_dir).expanduser()
         if not bids_dir.is_dir():
@@ -133,6 +134,11 @@ class Config:
         if real_work == bids_dir or bids_dir in real_work.parents:
             raise UsageError("The work folder is inside the input BIDS dataset.", path=str(work_dir),
                              hint="use -w/--work-dir outside the dataset.")
+        if real_work == real_out or real_out in real_work.parents:
+            # the work tree would become part of the derivatives dataset (validator errors, and a
+            # re-run's cleanup of the outputs could delete the cache it resumes from)
+            raise UsageError("The work folder is the output folder or inside it.", path=str(work_dir),
+                             hint="use a -w/--work-dir outside the output folder, e.g. a sibling folder.")
         nprocs = getattr(ns, "nprocs", None) or default_nprocs()
         omp = getattr(ns, "omp_nthreads", None) or max(1, min(nprocs, 8))
         if omp > nprocs:

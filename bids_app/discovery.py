@@ -145,7 +145,9 @@ def select_channel(layout, card_channel, subject: str, session: str | None,
     }
     user = _pybids_filters(user_filter or {})
     for qi, query in enumerate(card_channel.queries):
-        filters = {**base, **_pybids_filters(query), **user}
+        # subject and session last: no query or filter may select another session's image
+        filters = {**base, **_pybids_filters(query), **user,
+                   **{k: v for k, v in base.items() if k in SESSION_ENTITIES}}
         try:
             found = layout.get(return_type="object", **filters)
         except (ValueError, KeyError) as exc:
@@ -174,6 +176,10 @@ def select_channel(layout, card_channel, subject: str, session: str | None,
         candidates = next(iter(groups.values()))
         candidates.sort(key=lambda f: (int(f.entities.get("run", 0) or 0), f.path))
         chosen = candidates[-1]
+        owner = chosen.get_entities(metadata=False)
+        if str(owner.get("subject")) != subject or (owner.get("session") and str(owner["session"]) != session):
+            raise BadInputData(f"Channel '{card_channel.name}' of sub-{subject} selected another session's image.",
+                               path=chosen.path, hint="check --bids-filter-file and the file names.")
         reason = f"query {qi + 1}/{len(card_channel.queries)} ({query_text})"
         if user_filter:
             reason += f" + filter {user_filter}"
@@ -244,7 +250,20 @@ def list_sessions(layout, participant_label=None, session_label=None) -> list[tu
     return pairs
 
 
+#: entities a filter file may not set: the session being processed decides them, so that a
+#: filter can never pull another participant's or session's image into this one's outputs
+SESSION_ENTITIES = ("subject", "session")
+
+
 def check_filter_keys(card: ModelCard, bids_filters: dict | None) -> None:
+    """Refuse filter-file entries that are not channels, and filters on subject or session.
+
+    Raises
+    ------
+    UsageError
+        An entry keyed by something else than a channel (or ``reference``), or an entry that
+        filters on ``subject``/``sub`` or ``session``/``ses``.
+    """
     if not bids_filters:
         return
     names = {c.name.lower() for c in card.channels} | {"reference"}
@@ -252,6 +271,16 @@ def check_filter_keys(card: ModelCard, bids_filters: dict | None) -> None:
     if unknown:
         raise UsageError(f"--bids-filter-file has entries {unknown} that are not channels of the model "
                          f"(channels: {sorted(names)}).", hint="key the filters by the model's channel names.")
+    for key, entry in bids_filters.items():
+        if not isinstance(entry, dict):
+            continue
+        fixed = [k for k in entry if ENTITY_ALIASES.get(k, k) in SESSION_ENTITIES]
+        if fixed:
+            raise UsageError(
+                f"--bids-filter-file entry '{key}' filters on {', '.join(repr(k) for k in fixed)}: each session "
+                f"takes its images from its own subject and session only.",
+                hint="remove that key; choose participants and sessions with --participant-label and "
+                     "--session-label.")
 
 
 def collect_session(layout, card: ModelCard, subject: str, session: str | None,
@@ -394,8 +423,8 @@ def find_reference_masks(ref_dir: Path, card: ModelCard, subject: str, session: 
     from bids.layout import Query
 
     layout = BIDSLayout(str(ref_dir), validate=False, config=["bids", "derivatives"])
-    base = {"subject": subject, "session": session if session else Query.NONE,
-            "extension": IMAGE_EXTENSIONS, **_pybids_filters(user_filter or {})}
+    base = {**_pybids_filters(user_filter or {}), "subject": subject, "session": session if session else Query.NONE,
+            "extension": IMAGE_EXTENSIONS}
     dseg = layout.get(return_type="filename", suffix="dseg", **{"desc": "lesions", **base})
     if len(dseg) > 1:
         raise BadInputData(f"Several reference class maps for sub-{subject}: {[Path(p).name for p in dseg]}.",

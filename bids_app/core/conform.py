@@ -402,3 +402,123 @@ def _template_brain_mask(reference: Image, template_t1w: Image, template_mask: I
                            sitk.sitkFloat32)
     mask = from_sitk_array(warped) > 0.5
     return ndimage.binary_fill_holes(mask), metric
+
+
+# --------------------------------------------------------------------------------------
+# QC heuristics (flags in summary.json and the report, never errors)
+# --------------------------------------------------------------------------------------
+#: voxel axes count as sheared when the cosine between two of them exceeds this (about 0.6 deg
+#: off 90 deg; scanners write orthogonal axes to float32 precision, ~1e-6)
+SHEAR_MAX_COSINE = 0.01
+#: field of view of a brain image, per axis, in mm: outside this the geometry is implausible
+#: (an adult brain is ~140 x 170 x 120 mm; slabs of 30 mm exist)
+FOV_MM = (20.0, 500.0)
+#: contrast check: a FLAIR's WM is darker than its GM, a T1w's WM brighter (ratio above this).
+#: Measured: 0.90-1.01 for genuine FLAIRs (6 synthetic subjects, MPRAGE/UNIT1, stripped or not;
+#: one clinical pair of open_ms_data: 0.93), 1.12-1.41 for the T1w given as FLAIR
+MODALITY_WM_GM_RATIO_MAX = 1.05
+
+
+def geometry_qc(image: Image) -> dict:
+    """Shear and field-of-view checks of one image's voxel-to-world affine.
+
+    Parameters
+    ----------
+    image : Image
+        ``affine`` (4, 4) in mm.
+
+    Returns
+    -------
+    dict
+        ``max_axis_cosine`` (float, |cos| of the least orthogonal pair of voxel axes),
+        ``sheared`` (bool, above :data:`SHEAR_MAX_COSINE`), ``fov_mm`` (3 floats),
+        ``implausible_fov`` (bool, an extent outside :data:`FOV_MM`).
+    """
+    lin = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    axes = lin / np.linalg.norm(lin, axis=0)
+    cosines = np.abs(axes.T @ axes - np.eye(3))
+    worst = float(cosines.max())
+    fov = np.asarray(image.shape, dtype=np.float64) * np.asarray(image.zooms)
+    return {"max_axis_cosine": round(worst, 6), "sheared": bool(worst > SHEAR_MAX_COSINE),
+            "fov_mm": [round(float(f), 1) for f in fov],
+            "implausible_fov": bool(np.any(fov < FOV_MM[0]) or np.any(fov > FOV_MM[1]))}
+
+
+def negative_values_qc(data: np.ndarray) -> dict:
+    """Negative intensities of a magnitude image (MR magnitudes are >= 0; negatives come from
+    a wrong scl_slope/inter, a phase or difference image, or an unclipped reconstruction).
+
+    Parameters
+    ----------
+    data : ndarray, shape (X, Y, Z)
+
+    Returns
+    -------
+    dict
+        ``negative_voxels`` (int), ``negative_fraction`` (float in [0, 1]), ``min_value`` (float).
+    """
+    neg = int(np.count_nonzero(data < 0))
+    return {"negative_voxels": neg, "negative_fraction": round(neg / max(data.size, 1), 6),
+            "min_value": float(np.min(data)) if data.size else 0.0}
+
+
+def modality_contrast_qc(t1w: np.ndarray, flair: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """A heuristic check that a FLAIR channel has FLAIR contrast, using the T1w as tissue proxy.
+
+    Within the foreground (``mask``, else where the T1w exceeds 10% of its 99th percentile, in
+    the middle half of its bounding box along every axis, which keeps the brain and leaves
+    out the scalp), the brightest T1w voxels (percentiles 70-95: mostly white matter) and the mid-grey ones
+    (percentiles 35-55: mostly grey matter) are taken; the ratio of the FLAIR's mean over the
+    first to its mean over the second is about 0.9-1.0 for a FLAIR (white matter darker than
+    grey matter) and about 1.1-1.4 when the "FLAIR" is T1-weighted (or the same image twice).
+    A ratio above :data:`MODALITY_WM_GM_RATIO_MAX` is flagged.
+
+    It is a heuristic: it assumes the T1w channel is T1-weighted (a swapped pair is not
+    detected), and heavy lesion load, strong bias fields or noise-only images blur it.
+
+    Parameters
+    ----------
+    t1w, flair : ndarray, shape (X, Y, Z)
+        On the same grid.
+    mask : ndarray of bool, shape (X, Y, Z), optional
+
+    Returns
+    -------
+    dict
+        ``wm_gm_ratio`` (float or None when undefined), ``looks_unlike_flair`` (bool), ``rule``.
+    """
+    t1 = np.asarray(t1w, dtype=np.float64)
+    fl = np.asarray(flair, dtype=np.float64)
+    if mask is None:
+        hi = np.percentile(t1, 99) if t1.size else 0.0
+        mask = t1 > 0.1 * hi
+        box = _bbox_slices(mask)
+        if box is not None:
+            # the middle half of the head along every axis: brain, not scalp fat (bright in both)
+            central = np.zeros_like(mask)
+            central[tuple(slice(s.start + (s.stop - s.start) // 4, s.stop - (s.stop - s.start) // 4) for s in box)] = True
+            mask = mask & central
+    values = t1[mask]
+    ratio = None
+    if values.size >= 100:
+        p35, p55, p70, p95 = np.percentile(values, [35, 55, 70, 95])
+        wm = mask & (t1 >= p70) & (t1 <= p95)
+        gm = mask & (t1 >= p35) & (t1 <= p55)
+        gm_mean = float(fl[gm].mean()) if gm.any() else 0.0
+        if wm.any() and gm_mean > 0:
+            ratio = float(fl[wm].mean()) / gm_mean
+    return {"wm_gm_ratio": None if ratio is None else round(ratio, 4),
+            "looks_unlike_flair": bool(ratio is not None and ratio > MODALITY_WM_GM_RATIO_MAX),
+            "rule": f"mean FLAIR over T1w percentiles 70-95 / over 35-55 > {MODALITY_WM_GM_RATIO_MAX} "
+                    "(heuristic: a FLAIR's white matter is darker than its grey matter)"}
+
+
+def _bbox_slices(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of the True voxels (None when there are none)."""
+    if not mask.any():
+        return None
+    out = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        out.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(out)

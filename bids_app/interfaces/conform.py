@@ -100,14 +100,44 @@ class ConformInputs(SimpleInterface):
                                 "metadata": {"SkullStripped": conform.skull_stripped_support(image)[0],
                                              "Description": f"{name} channel on the {ref_suffix} grid, as the network saw it."}})
             qc["channels"][name] = entry
+        flags = self._qc_flags(qc, images, names, stack)
         channels_file = os.path.abspath("channels.nii.gz")
         save_image(channels_file, stack, reference.affine)
         qc_file = os.path.abspath("conform_qc.json")
         with open(qc_file, "w") as handle:
-            json.dump({"conform": qc}, handle, indent=2, sort_keys=True, default=float)
+            json.dump({"conform": qc, "qc_flags": flags}, handle, indent=2, sort_keys=True, default=float)
         self._results.update(channels_file=channels_file, reference_file=files[ref_i], qc_file=qc_file,
                              derivatives=records)
         return runtime
+
+    @staticmethod
+    def _qc_flags(qc: dict, images: list, names: list[str], stack) -> list[str]:
+        """QC of the inputs (flags, never errors): sheared or implausible geometry, negative
+        intensities, and a FLAIR channel without FLAIR contrast (a heuristic, see
+        :func:`bids_app.core.conform.modality_contrast_qc`). Adds the measures to ``qc``."""
+        from ..core import conform
+
+        flags: list[str] = []
+        for image, name in zip(images, names):
+            entry = qc["channels"][name]
+            geometry = conform.geometry_qc(image)
+            negative = conform.negative_values_qc(image.data)
+            entry.update(geometry_qc=geometry, **negative)
+            if geometry["sheared"]:
+                flags.append(f"sheared_affine_{name}")
+            if geometry["implausible_fov"]:
+                flags.append(f"implausible_field_of_view_{name}")
+            if negative["negative_voxels"]:
+                flags.append(f"negative_values_{name}")
+        low = [n.lower() for n in names]
+        t1 = next((i for i, n in enumerate(low) if n.startswith(("t1", "unit1", "mp2rage"))), None)
+        for k, n in enumerate(low):
+            if "flair" in n and t1 is not None:
+                check = conform.modality_contrast_qc(stack[..., t1], stack[..., k])
+                qc["channels"][names[k]]["modality_contrast"] = check
+                if check["looks_unlike_flair"]:
+                    flags.append(f"modality_mismatch_{names[k]}")
+        return flags
 
     @staticmethod
     def _write_transform(transform, path: str) -> None:

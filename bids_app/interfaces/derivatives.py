@@ -45,16 +45,21 @@ class SessionSummary(SimpleInterface):
         summary: dict = {"participant_id": self.inputs.participant_id}
         if self.inputs.session_id:
             summary["session_id"] = self.inputs.session_id
+        part_flags: list[str] = []
         for part in self.inputs.parts:
             with open(part) as handle:
                 data = json.load(handle)
             for key, value in data.items():
+                if key == "qc_flags":  # several parts flag things: gather, never overwrite
+                    part_flags += [str(v) for v in value]
+                    continue
                 if isinstance(value, dict):
                     value = {k: v for k, v in value.items() if k not in self.VOLATILE_KEYS}
                 summary[key] = value
         summary["bids_meta"] = {"inputs": list(self.inputs.inputs)}
         summary["provenance"] = dict(self.inputs.provenance)
         qc = summary.setdefault("qc_flags", [])
+        qc += part_flags
         if summary.get("lesions", {}).get("empty_prediction"):
             qc.append("empty_prediction")
         if summary.get("brain_mask", {}).get("implausible_brain_volume"):
