@@ -159,6 +159,11 @@ FEATURE_DICTIONARY: dict[str, dict[str, str]] = {
     "atlas_label_fraction": {"Description": "Fraction of the lesion's voxels carrying atlas_label.", "Units": ""},
     "atlas_class": {"Description": "Majority atlas location_class over the lesion's voxels.", "Units": ""},
     "atlas_class_fraction": {"Description": "Fraction of the lesion's voxels in atlas_class.", "Units": ""},
+    "features_failed": {"Description": "1 when a feature computation failed for this lesion (its columns are "
+                                       "n/a; the lesion is kept), else 0.", "Units": "",
+                        "Levels": {"0": "all features computed", "1": "some features failed (see features_failed_reason)"}},
+    "features_failed_reason": {"Description": "Which feature group failed and why (error type and message); n/a "
+                                              "when none failed.", "Units": ""},
     "location_class": {"Description": "Location class: the first rule that holds, in the order infratentorial "
                                       "(majority atlas class infratentorial), cortical (intra- or leukocortical), "
                                       "periventricular (distance_to_ventricle_mm <= 3), juxtacortical, "
@@ -353,8 +358,13 @@ def _sitk_shape(inst: np.ndarray, n: int, affine: np.ndarray) -> dict[str, np.nd
     return out
 
 
-def _radiomics_shape(inst: np.ndarray, n: int, affine: np.ndarray) -> dict[str, np.ndarray]:
-    """The 14 PyRadiomics shape features, per lesion on its crop (padded by 1 voxel)."""
+def _radiomics_shape(inst: np.ndarray, n: int, affine: np.ndarray,
+                     failures: dict[int, str] | None = None) -> dict[str, np.ndarray]:
+    """The 14 PyRadiomics shape features, per lesion on its crop (padded by 1 voxel).
+
+    A lesion whose extraction fails keeps NaN values and gets a line in ``failures``
+    (0-based lesion index -> reason), so that it is counted and flagged, never silently lost.
+    """
     import SimpleITK as sitk
     from scipy import ndimage
 
@@ -381,7 +391,9 @@ def _radiomics_shape(inst: np.ndarray, n: int, affine: np.ndarray) -> dict[str, 
                 with warnings.catch_warnings(), np.errstate(all="ignore"):
                     warnings.simplefilter("ignore")
                     values = rshape.RadiomicsShape(image, mask, label=1).execute()
-            except Exception:  # noqa: BLE001 - pyradiomics raises plain Exceptions on degenerate masks
+            except Exception as exc:  # noqa: BLE001 - pyradiomics raises plain Exceptions on degenerate masks
+                if failures is not None:
+                    failures[i] = f"radiomics_shape: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
                 continue
             for k in RADIOMICS_SHAPE:
                 v = values.get(k)
@@ -550,7 +562,9 @@ def lesion_features(
         ``{channel}_{mean,median,sd,p10,p90,contrast_shell,contrast_nawm,contrast_brain}``;
         ``gm_fraction``, ``cortex_fraction``, ``cortical_type``, ``distance_to_cortex_mm``,
         ``distance_to_ventricle_mm``, ``atlas_label``, ``atlas_name``, ``atlas_label_fraction``,
-        ``atlas_class``, ``atlas_class_fraction``, ``location_class``. Undefined values are NaN
+        ``atlas_class``, ``atlas_class_fraction``, ``location_class``, ``features_failed`` (0/1)
+        and ``features_failed_reason`` (str or None): a lesion whose extraction fails is kept,
+        with NaN in the failed columns and the reason. Undefined values are NaN
         (numbers) or None (strings): no GM map and no atlas -> NaN GM/cortex columns; no atlas ->
         NaN ventricle distance and None atlas/location columns. With no lesions: zero rows, same
         columns.
@@ -604,8 +618,9 @@ def lesion_features(
 
     if opts.shape:
         cols.update(_sitk_shape(inst, n, aff))
+    failures: dict[int, str] = {}
     if opts.radiomics_shape:
-        cols.update(_radiomics_shape(inst, n, aff))
+        cols.update(_radiomics_shape(inst, n, aff, failures))
 
     # tissue masks (once per subject)
     gm_mask = None if gm_p is None else (gm_p > rules.gm_threshold) & brain_all
@@ -664,4 +679,6 @@ def lesion_features(
         cols["atlas_class"] = np.full(n, None, dtype=object)
         cols["atlas_class_fraction"] = nan.copy()
         cols["location_class"] = np.full(n, None, dtype=object)
+    cols["features_failed"] = np.array([int(i in failures) for i in range(n)], dtype=np.int64)
+    cols["features_failed_reason"] = np.array([failures.get(i) for i in range(n)], dtype=object)
     return pd.DataFrame(cols)

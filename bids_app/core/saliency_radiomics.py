@@ -18,8 +18,9 @@ SmoothGrad map (max aggregation, FLAIR channel or the first channel) inside the 
 The classifier is a logistic regression (L1, liblinear, C = 1, class weights
 ``{FP: 0.29, TP: 0.71}`` as in the paper, or balanced) on standardised features (scaler fitted
 on the training lesions only). It is kept as a plain JSON-able dict (coefficients, scaler
-mean/scale, feature names, threshold): no pickle. Missing features (a failed extraction) are
-imputed with the training mean.
+mean/scale, feature names, threshold): no pickle. Missing features are imputed with the
+training mean; a lesion whose extraction failed altogether (all features missing) is not
+scored (:func:`scorable`) and never dropped by :func:`refine`.
 
 Pure: numpy, SimpleITK and PyRadiomics in memory; no file I/O; inputs never modified.
 """
@@ -120,23 +121,46 @@ def lesion_features(image: np.ndarray, roi: np.ndarray, spacing: Sequence[float]
 
     Returns
     -------
-    ndarray of float64 (93,); NaN when the ROI is empty or PyRadiomics refuses it.
+    ndarray of float64 (93,); NaN when the ROI is empty or PyRadiomics refuses it
+    (:func:`lesion_features_or_reason` says why).
+    """
+    return lesion_features_or_reason(image, roi, spacing)[0]
+
+
+def lesion_features_or_reason(image: np.ndarray, roi: np.ndarray,
+                              spacing: Sequence[float]) -> tuple[np.ndarray, str | None]:
+    """The 93 features of one ROI, and why they could not be computed.
+
+    Parameters
+    ----------
+    image : ndarray of float, shape (X, Y, Z), already normalised
+    roi : ndarray of bool, same shape
+    spacing : 3 floats, mm along X, Y, Z
+
+    Returns
+    -------
+    features : ndarray of float64 (93,)
+        All NaN when the extraction failed.
+    reason : str or None
+        None on success, else what failed (empty ROI, the PyRadiomics error, a feature count).
     """
     import SimpleITK as sitk
 
     roi = np.asarray(roi, bool)
     if roi.sum() < 1:
-        return np.full(N_FEATURES, np.nan)
+        return np.full(N_FEATURES, np.nan), "empty ROI"
     img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(image, np.float64).transpose(2, 1, 0)))
     msk = sitk.GetImageFromArray(np.ascontiguousarray(roi.astype(np.uint8).transpose(2, 1, 0)))
     img.SetSpacing(tuple(float(s) for s in spacing))
     msk.SetSpacing(tuple(float(s) for s in spacing))
     try:
         res = _extractor().execute(img, msk, label=1)
-    except (ValueError, RuntimeError, IndexError):
-        return np.full(N_FEATURES, np.nan)
+    except (ValueError, RuntimeError, IndexError) as exc:
+        return np.full(N_FEATURES, np.nan), f"PyRadiomics {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     vals = [float(v) for k, v in res.items() if not k.startswith("diagnostics")]
-    return np.asarray(vals, np.float64) if len(vals) == N_FEATURES else np.full(N_FEATURES, np.nan)
+    if len(vals) != N_FEATURES:
+        return np.full(N_FEATURES, np.nan), f"PyRadiomics gave {len(vals)} features, expected {N_FEATURES}"
+    return np.asarray(vals, np.float64), None
 
 
 def select_channel(channel_names: Sequence[str], channel: str | int | None = None) -> int:
@@ -158,7 +182,7 @@ def select_channel(channel_names: Sequence[str], channel: str | int | None = Non
 
 
 def saliency_features(store, map_name: str = "smoothgrad_max", channel: str | int | None = None,
-                      progress=None) -> tuple[np.ndarray, list[str]]:
+                      progress=None, failures: dict[int, str] | None = None) -> tuple[np.ndarray, list[str]]:
     """The 93 features of every lesion of a :class:`~bids_app.core.explain.SaliencyStore`.
 
     Parameters
@@ -169,6 +193,9 @@ def saliency_features(store, map_name: str = "smoothgrad_max", channel: str | in
     channel : name, index or None
         Channel of the map (default: FLAIR if present, else the first).
     progress : callable or None, ``progress(done, total)``
+    failures : dict, optional
+        Filled with ``store index -> reason`` for every lesion whose extraction failed (its row
+        is all NaN): callers must not score such a lesion as if it had features.
 
     Returns
     -------
@@ -189,7 +216,9 @@ def saliency_features(store, map_name: str = "smoothgrad_max", channel: str | in
         mean, sd = whole_image_zscore(crop, n_vox)
         norm = (crop.astype(np.float64) - mean) / sd if sd > 0 else np.zeros(crop.shape)
         roi = roi_label_map(store.instances[i]) == store.labels[i]
-        out[i] = lesion_features(norm, roi, store.zooms)
+        out[i], reason = lesion_features_or_reason(norm, roi, store.zooms)
+        if reason is not None and failures is not None:
+            failures[i] = reason
         if progress is not None:
             progress(i + 1, L)
     return out, names
@@ -344,6 +373,29 @@ def predict_refiner(model: dict, features: np.ndarray, names: Sequence[str] | No
     return 1.0 / (1.0 + np.exp(-logit))
 
 
+def scorable(model: dict, features: np.ndarray) -> np.ndarray:
+    """Lesions the refiner can score from their own features (bool (n,)).
+
+    A lesion whose every feature with a non-zero coefficient is missing would be scored from
+    the imputed training means alone, i.e. the sigmoid of the intercept, the same value for
+    every such lesion: that is not a score, and :func:`refine` must not drop it on that basis.
+
+    Parameters
+    ----------
+    model : dict from :func:`fit_refiner`
+    features : ndarray (n, F)
+    """
+    X = np.asarray(features, np.float64)
+    if X.ndim == 1:
+        X = X[None]
+    used = np.asarray(model["coef"], float) != 0
+    if not used.any():
+        used = np.ones(X.shape[1], bool)
+    return np.isfinite(X[:, used]).any(axis=1)
+
+
 def refine(p_true_lesion: np.ndarray, threshold: float) -> np.ndarray:
-    """Lesions kept by the refinement: ``p_true_lesion >= threshold`` (bool (n,))."""
-    return np.asarray(p_true_lesion, float) >= float(threshold)
+    """Lesions kept by the refinement: ``p_true_lesion >= threshold``, and every lesion without a
+    score (NaN: not explained, or its features failed), which is never dropped (bool (n,))."""
+    p = np.asarray(p_true_lesion, float)
+    return np.isnan(p) | (p >= float(threshold))

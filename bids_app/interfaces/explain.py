@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -251,34 +252,69 @@ class RefineLesions(SimpleInterface):
         with open(self.inputs.refiner_file) as handle:
             refiner = R.check_refiner(json.load(handle))
         p = np.full(len(labels_all), np.nan)
+        reasons: list[str | None] = ["not explained (--explain-max-lesions)"] * len(labels_all)
         if store.n_lesions:
+            failures: dict[int, str] = {}
             features, feature_names = R.saliency_features(store, refiner.get("map", "smoothgrad_max"),
-                                                          refiner.get("channel"))
+                                                          refiner.get("channel"), failures=failures)
             p_store = R.predict_refiner(refiner, features, feature_names)
-            p[np.searchsorted(labels_all, store.labels)] = p_store
+            # a lesion without features would score the intercept's sigmoid: no score, never dropped
+            scored = R.scorable(refiner, features)
+            rows = np.searchsorted(labels_all, store.labels)
+            for i, row in enumerate(rows):
+                if scored[i] and i not in failures:
+                    p[row] = p_store[i]
+                    reasons[row] = None
+                else:
+                    reasons[row] = failures.get(i, "no usable saliency feature")
+        unscored = np.isnan(p)
         table["p_true_lesion"] = p
+        table["refiner_scored"] = (~unscored).astype(int)
+        table["refiner_unscored_reason"] = pd.Series(reasons, dtype=object)
         threshold = (self.inputs.refine_threshold if self.inputs.refine_threshold >= 0
                      else float(refiner["threshold"]))
-        keep = np.isnan(p) | (p >= threshold)  # unexplained lesions are kept
+        keep = R.refine(p, threshold)  # unscored lesions (NaN) are kept
         table["refined_keep"] = keep.astype(int)
+        failed_labels = [int(v) for v, r in zip(labels_all, reasons)
+                         if r is not None and not r.startswith("not explained")]
+        if failed_labels:
+            logging.getLogger("bids_app.refine").warning(
+                "%s: the refiner could not score %d of %d lesions (labels %s: saliency features failed); they are "
+                "kept (refined_keep = 1, refiner_scored = 0).", os.path.basename(self.inputs.sources[0])
+                if self.inputs.sources else "session", len(failed_labels), len(labels_all),
+                ", ".join(str(v) for v in failed_labels[:20]))
         dictionary["p_true_lesion"] = {
             "Description": "Probability that the lesion is a true lesion, from the saliency-radiomics "
                            "classifier (93 PyRadiomics features of the lesion's SmoothGrad map, L1 logistic "
-                           "regression); n/a when the lesion was not explained.", "Units": "1"}
+                           "regression); n/a when the lesion was not explained or its features failed "
+                           "(refiner_scored = 0).", "Units": "1"}
+        dictionary["refiner_scored"] = {
+            "Description": "1 when p_true_lesion was computed from the lesion's own saliency features; 0 when "
+                           "the lesion was not explained or its feature extraction failed (it is then kept).",
+            "Levels": {"1": "scored", "0": "not scored, kept"}}
+        dictionary["refiner_unscored_reason"] = {
+            "Description": "Why the refiner did not score the lesion (n/a when it did)."}
         dictionary["refined_keep"] = {
-            "Description": f"1 when the refinement keeps the lesion (p_true_lesion >= {threshold:g} or not "
-                           "explained), 0 when it drops it.", "Levels": {"1": "kept", "0": "dropped"}}
+            "Description": f"1 when the refinement keeps the lesion (p_true_lesion >= {threshold:g}, or not "
+                           "scored: not explained or its features failed), 0 when it drops it.",
+            "Levels": {"1": "kept", "0": "dropped"}}
         refine_info = {"refiner": os.path.basename(self.inputs.refiner_file),
                        "refiner_explain_config": refiner.get("explain_config"),
                        "threshold": threshold, "n_dropped": int((~keep).sum()),
                        "dropped_labels": [int(v) for v in labels_all[~keep]],
+                       "n_unscored": int(unscored.sum()),
+                       "n_features_failed": len(failed_labels),
+                       "features_failed_labels": failed_labels,
                        "segmentation_written": bool(self.inputs.refine)}
         if self.inputs.refine:
             records += self._refined_records(instances, labels_all, classes, keep, affine, threshold, sources)
         tsv, js = write_fragment(table, dictionary, os.path.abspath("lesions_refiner"))
         summary_file = os.path.abspath("refine_summary.json")
+        part = {"refinement": refine_info}
+        if failed_labels:
+            part["qc_flags"] = ["refiner_features_failed"]
         with open(summary_file, "w") as handle:
-            handle.write(dumps_json({"refinement": refine_info}))
+            handle.write(dumps_json(part))
         self._results.update(lesions_file=str(tsv), lesions_dictionary=str(js), summary_file=summary_file,
                              derivatives=records)
         return runtime

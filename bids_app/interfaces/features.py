@@ -99,6 +99,8 @@ class LesionFeatures(SimpleInterface):
     output_spec = _LesionFeaturesOutputSpec
 
     def _run_interface(self, runtime):
+        import logging
+
         import nibabel as nib
         import numpy as np
         import pandas as pd
@@ -176,7 +178,17 @@ class LesionFeatures(SimpleInterface):
                                 "derived_from": [{"key": "instance_dseg"}],
                                 "metadata": {"Label": label, "CoordinateSystem": "scanner RAS+", "Units": "mm",
                                              "Method": "marching cubes on the lesion mask (skimage)"}})
+        failed = table.loc[table["features_failed"] == 1, "label"].astype(int).tolist() \
+            if "features_failed" in table.columns else []
+        if failed:
+            # kept in the table with n/a features and a reason; said here so it is never silent
+            logging.getLogger("bids_app.features").warning(
+                "%s: features failed for %d of %d lesions (labels %s); they are kept, flagged in the lesion "
+                "table's features_failed column.", os.path.basename(self.inputs.sources[0]) if self.inputs.sources
+                else "session", len(failed), n, ", ".join(str(v) for v in failed[:20]))
         summary = {"features": {
+            "n_features_failed": len(failed),
+            "features_failed_labels": failed,
             "template_registration_mattes_mi": transform.metric,
             "atlas": atlas_info,
             "location_counts": (table["location_class"].fillna("unknown").value_counts().to_dict()
@@ -184,6 +196,8 @@ class LesionFeatures(SimpleInterface):
             "cortical_type_counts": (table["cortical_type"].fillna("unknown").value_counts().to_dict()
                                      if "cortical_type" in table.columns and len(table) else {}),
         }}
+        if failed:
+            summary["qc_flags"] = ["lesion_features_failed"]
         summary_file = os.path.abspath("features_summary.json")
         with open(summary_file, "w") as handle:
             handle.write(dumps_json(summary))
