@@ -419,7 +419,7 @@ def run_participant(config, log=None) -> int:
         route_nipype_logging()  # nipype resets its loggers when its config is updated
         plugin, plugin_args = plugin_settings(config, settings)
         if plugin == "MultiProc":
-            plugin_args["status_callback"] = _progress_callback(sessions)
+            plugin_args["status_callback"] = _progress_callback(sessions, len(workflow.list_node_names()))
             if plugin_args.get("mp_context") == "forkserver":
                 import multiprocessing.forkserver
 
@@ -494,9 +494,9 @@ def _wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float
         time.sleep(poll)
 
 
-def _progress_callback(sessions):
+def _progress_callback(sessions, n_steps: int):
     """A MultiProc status callback: one line per node started and finished, with the session
-    it belongs to (session k of N) and the count of finished nodes."""
+    it belongs to (session k of N) and the run's steps done (finished nodes of ``n_steps``)."""
     from ..progress import format_duration, session_label
     from ..workflows.base import session_wf_name
 
@@ -520,8 +520,8 @@ def _progress_callback(sessions):
         seconds = time.monotonic() - state["started"].pop(node.fullname, time.monotonic())
         if status == "end":
             state["done"] += 1
-            LOGGER.info("%s %s: done in %s (%d steps finished)", where(node), stage, format_duration(seconds),
-                        state["done"])
+            LOGGER.info("%s %s: done in %s (run: %d/%d steps)", where(node), stage, format_duration(seconds),
+                        state["done"], n_steps)
         elif status == "exception":
             LOGGER.error("%s %s: FAILED after %s", where(node), stage, format_duration(seconds))
 
