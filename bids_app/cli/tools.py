@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module under :mod:`bids_app.cli` named ``tool_<name>.py``
 and defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
-Adding a subcommand = adding a module and its name to :data:`TOOL_MODULES`.
-Modules are imported only when their subcommand runs, so ``--help`` stays fast.
+Adding a subcommand = adding a module and its name to :data:`TOOL_MODULES`. Each module
+imports its heavy dependencies inside ``run``, so building the parser stays fast.
 """
 
 from __future__ import annotations
@@ -15,17 +15,9 @@ import sys
 
 from ..errors import MsxplainError, UsageError
 
-#: subcommand name -> (module, one-line help). Imported lazily.
-TOOL_MODULES: dict[str, tuple[str, str]] = {
-    "synth": (".tool_synth", "write a synthetic multi-site MS BIDS dataset with true lesion masks"),
-    "uncertainty": (".tool_uncertainty", "uncertainty maps, lesion table and patient summary from member probabilities"),
-    "evaluate": (".tool_evaluate", "lesion-wise detection, voxel and calibration metrics of a mask against a reference"),
-    "prepare-training": (".tool_prepare_training", "BIDS images + reference masks -> an nnU-Net raw training dataset"),
-    "rerun": (".tool_rerun", "repeat a recorded msxplain run (logs/config-<run>.json) exactly"),
-    "train-demo": (".tool_train_demo", "train the demo nnU-Net ensemble on synthetic data (the bundled model's recipe)"),
-    "train-refiner": (".tool_train_refiner", "train the saliency-radiomics TP/FP lesion classifier on outputs with reference masks"),
-    "fetch-templates": (".tool_fetch_templates", "fetch the TemplateFlow templates msxplain uses into the cache (once, for offline runs)"),
-}
+#: the subcommand modules, in the order of ``--help``; each defines NAME, HELP, add_arguments and run
+TOOL_MODULES: tuple[str, ...] = (".tool_synth", ".tool_uncertainty", ".tool_evaluate", ".tool_prepare_training",
+                                 ".tool_rerun", ".tool_train_demo", ".tool_train_refiner", ".tool_fetch_templates")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     # usage errors of any subcommand exit with 64 too (argparse's own 2 is reserved for Bash)
     sub = parser.add_subparsers(dest="tool", metavar="TOOL", parser_class=UsageArgumentParser)
-    for name, (module_name, help_text) in TOOL_MODULES.items():
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(_module=module_name)
-        # argument definitions are cheap; the module is imported to get them
+    for module_name in TOOL_MODULES:
+        # argument definitions are cheap; the module is imported to get them (and its NAME, HELP)
         module = importlib.import_module(module_name, package=__package__)
+        sp = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        sp.set_defaults(_module=module_name)
         module.add_arguments(sp)
     return parser
 
