@@ -186,12 +186,14 @@ def main(argv=None) -> int:
     folds = [str(k) for k in range(args.members)]
     rows = {"msxplain": [], "nnUNetv2_predict": []}
     for r in range(args.repeats):
-        ref = [sys.executable, __file__, "--child-ref", "-i", str(work / "input"), "-o", str(work / f"ref_out{r}"), "-d", DATASET, "-c", "3d_fullres",
+        ref = [sys.executable, __file__, "--child-ref", "-i", str(work / "input"), "-o", str(work / f"ref_out{r}"),
+               "-d", DATASET, "-c", "3d_fullres",
                "-tr", TRAINER, "-p", "nnUNetPlans", "-f", *folds, "-device", args.device, "-npp", "0", "-nps", "0",
                "--save_probabilities"] + ([] if args.tta else ["--disable_tta"])
         rows["nnUNetv2_predict"].append(timed_child(ref, env))
         ours = [sys.executable, __file__, "--device", args.device] + ([] if args.tta else ["--no-tta"]) + [
-            "--child", str(trainer_dir), ",".join(str(x) for x in inputs), str(work / f"ours_out{r}"), str(args.members)]
+            "--child", str(trainer_dir), ",".join(str(x) for x in inputs), str(work / f"ours_out{r}"),
+            str(args.members)]
         rows["msxplain"].append(timed_child(ours, env))
     best = {k: min(v, key=lambda x: x["wall_s"]) for k, v in rows.items()}
     ratio = best["msxplain"]["wall_s"] / best["nnUNetv2_predict"]["wall_s"]

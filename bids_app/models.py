@@ -753,7 +753,8 @@ def verify_members(model: ResolvedModel, folds: list[str]) -> dict[str, str]:
         expected = model.card.members.get(fold, "")
         if expected and digest != expected:
             raise BadInputData(
-                f"Checksum mismatch for fold_{fold}: SHA-256 {digest[:12]}... but the model card says {expected[:12]}...",
+                f"Checksum mismatch for fold_{fold}: SHA-256 {digest[:12]}... but the model card says "
+                f"{expected[:12]}...",
                 path=str(ckpt),
                 hint="the checkpoint is corrupt or was replaced; re-download the model and do not use this copy.",
             )

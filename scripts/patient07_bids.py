@@ -16,7 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "open_ms_data" / "cross_sectional" / "MNI" / "patient07"
+DEFAULT_SOURCE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "open_ms_data" / "cross_sectional" / "MNI"
+                  / "patient07")
 FILES = {
     "T1w": "T1_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz",
     "FLAIR": "FLAIR_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz",
@@ -36,7 +37,8 @@ def arrange(out: Path, source: Path = DEFAULT_SOURCE, label: str = "p07") -> Pat
         "DatasetType": "raw", "License": "CC-BY", "Authors": ["Lesjak Z", "Galimzianova A", "Koren A"],
         "ReferencesAndLinks": ["https://doi.org/10.1007/s12021-017-9348-7"]}, indent=1))
     (out / "README").write_text("patient07 of the open_ms_data cross-sectional set (skull-stripped, N4-corrected, "
-                                "registered to MNI152 1 mm), arranged as BIDS by msxplain's scripts/patient07_bids.py.\n")
+                                "registered to MNI152 1 mm), arranged as BIDS by msxplain's "
+                                "scripts/patient07_bids.py.\n")
     (out / "participants.tsv").write_text(f"participant_id\tsite\nsub-{label}\tLjubljana\n")
     for suffix in ("T1w", "FLAIR"):
         shutil.copy(source / FILES[suffix], anat / f"sub-{label}_{suffix}.nii.gz")
@@ -48,7 +50,8 @@ def arrange(out: Path, source: Path = DEFAULT_SOURCE, label: str = "p07") -> Pat
     ref_anat.mkdir(parents=True, exist_ok=True)
     (ref / "dataset_description.json").write_text(json.dumps({
         "Name": "expert consensus lesion masks", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "Manual", "Description": "consensus of three raters (Lesjak et al. 2017)"}]}, indent=1))
+        "GeneratedBy": [{"Name": "Manual", "Description": "consensus of three raters (Lesjak et al. 2017)"}]},
+        indent=1))
     img = nib.load(str(source / FILES["mask"]))
     mask = nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine, img.header)
     mask.set_data_dtype(np.uint8)

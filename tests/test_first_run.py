@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -148,8 +147,9 @@ def test_participant_run_prints_progress_and_keeps_a_text_log(tiny_model, tmp_pa
     bids = make_bids(tmp_path / "bids", subjects=("01", "02"))
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([str(REPO / ".venv" / "bin" / "msxplain") if (REPO / ".venv" / "bin" / "msxplain").exists()
-                           else shutil.which("msxplain"), str(bids), str(out), "participant", "--model", str(tiny_model),
+    venv_msxplain = REPO / ".venv" / "bin" / "msxplain"
+    program = str(venv_msxplain) if venv_msxplain.exists() else shutil.which("msxplain")
+    proc = subprocess.run([program, str(bids), str(out), "participant", "--model", str(tiny_model),
                            "-w", str(work), "--skull-stripped", "yes", "--no-lesion-features", "--nprocs", "2"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from slurm_cluster import slurm_cluster
 
 from bids_app.validation import validate
 from conftest import make_bids, run_cli
-from slurm_cluster import slurm_cluster
 
 
 @pytest.fixture(scope="module")

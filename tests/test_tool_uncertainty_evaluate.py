@@ -154,7 +154,8 @@ def test_evaluate_tool_defaults_and_empty_reference(tmp_path):
     out = tmp_path / "m.json"
     assert _run(tool_evaluate, ["--pred", f["pred"], "--ref", empty, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert (res["method"], res["detection_threshold"], res["connectivity"], res["ndsc_r"]) == ("iou_adj", 0.1, 26, 0.001)
+    settings = (res["method"], res["detection_threshold"], res["connectivity"], res["ndsc_r"])
+    assert settings == ("iou_adj", 0.1, 26, 0.001)
     assert res["FPL"] == 2 and res["F1"] == 0.0 and res["recall"] == 1.0
     assert res["TPRvox"] is None  # undefined for an empty reference: NaN -> null
     bad = _save(tmp_path / "bad.nii.gz", np.zeros((20, 20, 10), np.uint8))

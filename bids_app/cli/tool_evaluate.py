@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxels considered by the voxel metrics, calibration and retention curves")
     parser.add_argument("--method", choices=E.DETECTION_METHODS, default=E.DEFAULT_METHOD,
                         help="lesion matching rule (default %(default)s)")
-    parser.add_argument("--detection-threshold", type=number(float, gt=0.0, le=1.0), default=E.DEFAULT_DETECTION_THRESHOLD, metavar="T",
+    parser.add_argument("--detection-threshold", type=number(float, gt=0.0, le=1.0),
+                        default=E.DEFAULT_DETECTION_THRESHOLD, metavar="T",
                         help="IoU threshold of a true-positive lesion, in (0, 1] (default %(default)s)")
     parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=E.DEFAULT_CONNECTIVITY,
                         help="lesion connectivity (default %(default)s, as Bench-Explain)")

@@ -24,8 +24,7 @@ def run(args) -> int:
     import os
 
     from ..errors import MissingInput
-    from ..templates import FETCH_COMMAND, OFFLINE_ENV, fetch_template_files, missing_template_files, \
-        templateflow_home
+    from ..templates import FETCH_COMMAND, OFFLINE_ENV, fetch_template_files, missing_template_files, templateflow_home
 
     home = templateflow_home()
     missing = missing_template_files()

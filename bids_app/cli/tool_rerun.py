@@ -31,7 +31,8 @@ def run(args) -> int:
     from ..provenance import software_versions
 
     if not args.config.is_file():
-        raise MissingInput("Run record not found.", path=str(args.config), hint="pass OUTPUT_DIR/logs/config-<run>.json.")
+        raise MissingInput("Run record not found.", path=str(args.config),
+                           hint="pass OUTPUT_DIR/logs/config-<run>.json.")
     record = json.loads(args.config.read_text())
     cfg = record["config"]
     model = resolve_model(cfg["model"]["spec"], card_path=Path(cfg["model"]["card_path"]) if cfg["model"]["card_path"]

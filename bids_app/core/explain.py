@@ -45,8 +45,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -151,7 +152,7 @@ class ExplainConfig:
     seed: int = 0
     dtype: str = "float32"
 
-    def checked(self) -> "ExplainConfig":
+    def checked(self) -> ExplainConfig:
         if self.members not in ("mean", "each"):
             raise ValueError(f"members must be 'mean' or 'each', got {self.members!r}")
         if self.mode not in ("crop", "full"):
@@ -534,7 +535,7 @@ def _wrap_instance_norms(net) -> list:
     cls = _freezable_norm_class()
     wrappers: dict[int, Any] = {}
     order = []
-    for name, module in list(net.named_modules()):
+    for _, module in list(net.named_modules()):
         if isinstance(module, torch.nn.modules.instancenorm._InstanceNorm) and id(module) not in wrappers:
             wrappers[id(module)] = cls(module)
             order.append(wrappers[id(module)])

@@ -1,7 +1,8 @@
 """The nnU-Net adapter: per-member softmax probabilities in the input image's geometry.
 
 This is the only module of msxplain that imports :mod:`nnunetv2`. nnU-Net's predictor
-averages the **logits** of the folds before the softmax (``nnUNetPredictor.predict_logits_from_preprocessed_data``), which
+averages the **logits** of the folds before the softmax
+(``nnUNetPredictor.predict_logits_from_preprocessed_data``), which
 throws away the disagreement that deep-ensemble uncertainty needs. :class:`EnsemblePredictor`
 therefore runs nnU-Net's own preprocessing once and then, for each member, nnU-Net's own
 sliding-window inference (Gaussian weighting, optional mirroring) and nnU-Net's own export
@@ -26,8 +27,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -192,7 +194,8 @@ class EnsemblePredictor:
                 network.load_state_dict(m.state_dict)
             except RuntimeError as exc:
                 raise BadInputData(f"Member fold_{m.fold} does not fit the network in plans.json "
-                                   f"({str(exc).splitlines()[0]}).", hint="the model folder mixes files of different models.") from None
+                                   f"({str(exc).splitlines()[0]}).",
+                                   hint="the model folder mixes files of different models.") from None
         axes = self.members[0].mirroring_axes
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints instead of logging
             predictor = nnUNetPredictor(
@@ -257,7 +260,8 @@ class EnsemblePredictor:
         channels = np.asarray(channels, dtype=np.float32)
         if channels.ndim != 4 or channels.shape[0] != self.n_channels:
             raise BadInputData(
-                f"The model expects {self.n_channels} input channel(s), got {channels.shape[0] if channels.ndim == 4 else channels.ndim}.",
+                f"The model expects {self.n_channels} input channel(s), "
+                f"got {channels.shape[0] if channels.ndim == 4 else channels.ndim}.",
                 hint="check the model card's channels against the selected images.",
             )
         array, spacing = to_nnunet_order(channels, tuple(zooms))

@@ -111,7 +111,8 @@ class EvaluateSession(SimpleInterface):
                   for k, c in result.curves.items()}
         with open(metrics_file, "w") as handle:
             handle.write(dumps_json({"metrics": metrics, "retention_curves": curves,
-                                     "reference_files": [os.path.basename(p) for p in self.inputs.reference_files if p]}))
+                                     "reference_files": [os.path.basename(p)
+                                                         for p in self.inputs.reference_files if p]}))
         summary_file = os.path.abspath("evaluation_summary.json")
         with open(summary_file, "w") as handle:
             handle.write(dumps_json({"evaluation": metrics}))

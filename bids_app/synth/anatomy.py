@@ -73,7 +73,7 @@ class Deformation:
     grid_affine: np.ndarray
     pose: np.ndarray
 
-    def with_pose(self, pose: np.ndarray) -> "Deformation":
+    def with_pose(self, pose: np.ndarray) -> Deformation:
         return Deformation(self.affine, self.displacement, self.grid_affine, np.asarray(pose, dtype=np.float64))
 
     @property
@@ -291,7 +291,8 @@ def warp_maps(
             if nearest is None:
                 nearest = np.rint(coords.reshape(3, -1)).astype(np.int64)
                 valid = np.all((nearest >= 0) & (nearest < np.asarray(m.shape)[:, None]), axis=0)
-                flat_nearest = np.where(valid, np.ravel_multi_index(tuple(np.clip(nearest, 0, np.asarray(m.shape)[:, None] - 1)), m.shape), 0)
+                clipped = np.clip(nearest, 0, np.asarray(m.shape)[:, None] - 1)
+                flat_nearest = np.where(valid, np.ravel_multi_index(tuple(clipped), m.shape), 0)
             sel = valid & support.ravel()[flat_nearest]
             block = np.zeros(int(np.prod(sub_shape)), dtype=np.float32)
             if sel.any():
@@ -306,7 +307,8 @@ def _affine_coords(matrix: np.ndarray, ii, jj, kk, shape) -> np.ndarray:
     out = np.empty((3, *shape), dtype=np.float32)
     m = np.asarray(matrix, dtype=np.float64)
     for a in range(3):
-        out[a] = (np.float32(m[a, 0]) * ii + np.float32(m[a, 1]) * jj) + (np.float32(m[a, 2]) * kk + np.float32(m[a, 3]))
+        out[a] = ((np.float32(m[a, 0]) * ii + np.float32(m[a, 1]) * jj)
+                  + (np.float32(m[a, 2]) * kk + np.float32(m[a, 3])))
     return out
 
 

@@ -235,7 +235,8 @@ def _ratio(severity: np.ndarray, lo_hi: tuple[float, float], increasing: bool) -
     return (hi - severity * (hi - lo)).astype(np.float32)
 
 
-def flair_geometry(site: SiteParams, resolution_mm: float, head_box_mm: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+def flair_geometry(site: SiteParams, resolution_mm: float,
+                   head_box_mm: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
     """Shape and RAS affine of a site's FLAIR grid (axial slices along world z).
 
     In-plane spacing ``resolution * flair_voxel_factor``; slice thickness
@@ -277,8 +278,8 @@ def render_session(
     deformation = anatomy.deformation.with_pose(pose) if session_index > 0 else anatomy.deformation
 
     shape, affine = templates.shape, templates.affine
-    wml_tpl = paint_fraction([l.points for l in lesions if l.cls == WML], shape, affine, library_voxel_mm)
-    cl_tpl = paint_fraction([l.points for l in lesions if l.cls == CL], shape, affine, library_voxel_mm)
+    wml_tpl = paint_fraction([les.points for les in lesions if les.cls == WML], shape, affine, library_voxel_mm)
+    cl_tpl = paint_fraction([les.points for les in lesions if les.cls == CL], shape, affine, library_voxel_mm)
     unit1 = site.t1_contrast == "MP2RAGE"
     need_head = unit1 and not skull_stripped
     maps = [templates.t1w, templates.brain, templates.gm, templates.wm, templates.csf, wml_tpl, cl_tpl]
@@ -360,7 +361,8 @@ def render_session(
         "wml_volume_mm3": float(wml_label.sum() * voxel_ml),
         "cl_volume_mm3": float(cl_label.sum() * voxel_ml),
         "lesions_placed": [
-            {"class": "WML" if l.cls == WML else "CL", "volume_mm3_1mm": l.volume_mm3, **l.info} for l in lesions
+            {"class": "WML" if les.cls == WML else "CL", "volume_mm3_1mm": les.volume_mm3, **les.info}
+            for les in lesions
         ],
         "flair_voxel_mm": [round(float(v), 4) for v in f_spacing],
         "flair_shape": list(f_shape),

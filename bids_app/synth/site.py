@@ -133,7 +133,8 @@ def _u(rng: np.random.Generator, key: str) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def _lesion_range(rng: np.random.Generator, key: str, half_width: float, clip: tuple[float, float]) -> tuple[float, float]:
+def _lesion_range(rng: np.random.Generator, key: str, half_width: float,
+                  clip: tuple[float, float]) -> tuple[float, float]:
     centre = _u(rng, key)
     lo = max(clip[0], centre - half_width)
     hi = min(clip[1], centre + half_width)

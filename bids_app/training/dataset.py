@@ -9,8 +9,8 @@ to RAS+ (the orientation :class:`~bids_app.core.segment.EnsemblePredictor` sees)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ cost ~25 s per test session).
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _arch(n_stages: int, features: Sequence[int], n_conv: int = 2) -> dict:

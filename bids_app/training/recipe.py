@@ -293,7 +293,7 @@ def _grid_f1(mean: np.ndarray, labels: np.ndarray, connectivity: int, t: float) 
 def check_and_tune(cfg: RecipeConfig, cases: dict, folds: list[str]) -> dict:
     """Member check and post-processing tuning on the validation cases (cases in parallel)."""
     cropped = []
-    for c, probs, labels in predict_cases(cfg, folds, cases["val"]):
+    for _, probs, labels in predict_cases(cfg, folds, cases["val"]):
         box = _lesion_box(probs, labels)
         cropped.append((np.ascontiguousarray(probs[(slice(None), slice(None)) + box]),
                         np.ascontiguousarray(labels[box])))
@@ -320,7 +320,7 @@ def evaluate_test(cfg: RecipeConfig, cases: dict, folds: list[str], threshold: f
     from ..core.postprocess import segment_lesions
 
     rows = []
-    for c, probs, labels in predict_cases(cfg, folds, cases["test"]):
+    for _, probs, labels in predict_cases(cfg, folds, cases["test"]):
         seg = segment_lesions(probs.mean(axis=0), list(LABELS), threshold, min_size, cfg.connectivity)
         row = _scores(seg.dseg, labels, cfg.connectivity, cfg.detection_threshold)
         for index, name in LABELS.items():

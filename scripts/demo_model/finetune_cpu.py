@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         splits.append({"train": [str(s) for s in subset], "val": train_cases[:2]})
     (pre / "splits_final.json").write_text(json.dumps(splits, indent=1))
 
-    results_dir = cfg.workdir / "nnUNet_results" / cfg.dataset / "nnUNetTrainerMsxplain__nnUNetPlansMsxplainFT__3d_fullres"
+    results_dir = (cfg.workdir / "nnUNet_results" / cfg.dataset
+                   / "nnUNetTrainerMsxplain__nnUNetPlansMsxplainFT__3d_fullres")
     ckpt = args.gpu_member / "fold_0" / "checkpoint_final.pth"
     if "train" not in args.skip:
         t = time.monotonic()

@@ -120,7 +120,8 @@ def test_zero_denominator_conventions():
     some = empty.copy()
     some[1:3, 1:3, 1:3] = True
     both_empty = E.lesion_detection(empty, empty)
-    assert (both_empty["F1"], both_empty["recall"], both_empty["precision"], both_empty["USL_rate"]) == (1.0, 1.0, 1.0, 0.0)
+    assert (both_empty["F1"], both_empty["recall"], both_empty["precision"], both_empty["USL_rate"]) \
+        == (1.0, 1.0, 1.0, 0.0)
     no_pred = E.lesion_detection(empty, some)
     assert (no_pred["F1"], no_pred["recall"], no_pred["precision"], no_pred["USL_rate"]) == (0.0, 0.0, 0.0, 1.0)
     assert no_pred["FNL"] == 1
@@ -213,7 +214,8 @@ def test_metricsreloaded_objects_as_one_image():
     ref, pred = np.any(refs, axis=0), np.any(preds, axis=0)
     for conn in (6, 26):
         iou = E.lesion_detection(pred, ref, "iou", 0.5, conn)
-        assert (iou["n_ref_lesions"], iou["n_pred_lesions"], iou["TPL"], iou["USL"], iou["FPL"], iou["FNL"]) == (4, 4, 1, 3, 0, 1)
+        counts = (iou["n_ref_lesions"], iou["n_pred_lesions"], iou["TPL"], iou["USL"], iou["FPL"], iou["FNL"])
+        assert counts == (4, 4, 1, 3, 0, 1)
         res = E.classify_lesions(pred, ref, "iou_adj", 0.5, conn)
         # predicted lesions in raster order: pred4, pred5, pred1, pred3
         np.testing.assert_allclose(res.pred_score, [1 / 28, 0.2009, 0.5155, 361 / 758], atol=5e-5)
@@ -235,7 +237,8 @@ def test_panoptica_oracle(seed):
         evaluator = panoptica.Panoptica_Evaluator(
             expected_input=panoptica.InputType.SEMANTIC,
             instance_approximator=panoptica.ConnectedComponentsInstanceApproximator(),  # cc3d, 26-connectivity
-            instance_matcher=panoptica.NaiveThresholdMatching(matching_threshold=threshold, allow_many_to_one=many_to_one),
+            instance_matcher=panoptica.NaiveThresholdMatching(matching_threshold=threshold,
+                                                               allow_many_to_one=many_to_one),
             decision_metric=panoptica.Metric.IOU, decision_threshold=threshold,
         )
         res = evaluator.evaluate(pred.astype(np.uint8), ref.astype(np.uint8), verbose=False)["ungrouped"]
@@ -378,7 +381,7 @@ def test_lesion_retention_matches_reference_interp1d_and_baselines():
         # reference: argsort ascending then reversed (no ties here), rejection updates, slinear interp
         lt = types[np.argsort(u)][::-1].copy()
 
-        def score(t):
+        def score(t, metric=metric):
             tp, fp, us = (t == "TPL").sum(), (t == "FPL").sum(), (t == "USL").sum()
             if metric == "LF1":
                 den = tp + 0.5 * (fp + us + 4)
@@ -389,7 +392,8 @@ def test_lesion_retention_matches_reference_interp1d_and_baselines():
         for i in range(lt.size):
             lt[i] = {"FPL": "TNL", "USL": "TPL"}.get(lt[i], lt[i])
             vals.append(score(lt))
-        ref = interp1d([k / lt.size for k in range(lt.size + 1)], vals[::-1], kind="slinear", fill_value="extrapolate")(fracs)
+        ref = interp1d([k / lt.size for k in range(lt.size + 1)], vals[::-1], kind="slinear",
+                       fill_value="extrapolate")(fracs)
         np.testing.assert_allclose(curve.values, ref, rtol=1e-12)
         base = E.lesion_retention_baselines(types, 4, metric, seed=0)
         assert base["ideal"].auc >= curve.auc and base["ideal"].auc >= base["random"].auc
@@ -404,7 +408,8 @@ def test_patient_retention_curve():
     # replace most uncertain first: [0.8,0.3,0.6] -> [0.8,1,0.6] -> [0.8,1,1] -> [1,1,1]; reversed
     np.testing.assert_allclose(curve.values, [1.0, 2.8 / 3, 2.4 / 3, 1.7 / 3])
     np.testing.assert_allclose(curve.fracs, [0, 1 / 3, 2 / 3, 1])
-    assert curve.auc == pytest.approx(np.trapezoid(curve.values, curve.fracs)) and curve.aac == pytest.approx(1 - curve.auc)
+    assert curve.auc == pytest.approx(np.trapezoid(curve.values, curve.fracs))
+    assert curve.aac == pytest.approx(1 - curve.auc)
     with pytest.raises(ValueError):
         E.patient_retention_curve([], [])
 

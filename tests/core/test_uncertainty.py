@@ -307,7 +307,8 @@ def test_compute_uncertainty_bundles_all_stages():
     assert {"centroid_x_mm", "volume_mm3", "LSU+", "logsum_EPKL"} <= set(les.columns)
     np.testing.assert_allclose(les["volume_mm3"], les["n_voxels"] * 0.9 * 1.1 * 1.2)
     first = np.argwhere(res.segmentation.instances == 1).mean(axis=0)
-    np.testing.assert_allclose(les.loc[0, ["centroid_x_vox", "centroid_y_vox", "centroid_z_vox"]].to_numpy(float), first)
+    centroid = les.loc[0, ["centroid_x_vox", "centroid_y_vox", "centroid_z_vox"]].to_numpy(float)
+    np.testing.assert_allclose(centroid, first)
     np.testing.assert_allclose(les.loc[0, ["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]].to_numpy(float),
                                affine[:3, :3] @ first + affine[:3, 3])
     assert res.parameters["connectivity"] == 18 and res.parameters["min_lesion_size_voxels"] == 3

@@ -35,7 +35,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 class nnUNetTrainerMsxplain(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 - nnU-Net's trainer signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = int(os.environ.get("MSXPLAIN_ITERATIONS_PER_EPOCH", 100))
         self.num_val_iterations_per_epoch = int(os.environ.get("MSXPLAIN_VAL_ITERATIONS", 10))
