@@ -225,3 +225,106 @@ def test_refine_never_drops_an_unscored_lesion():
     model = {"coef": [0.0, 1.0, 0.0]}
     X = np.array([[1.0, 2.0, 3.0], [1.0, np.nan, 3.0], [np.nan] * 3])
     assert list(R.scorable(model, X)) == [True, False, False]
+
+
+# ------------------------------------------------------------------ one run, a participant per case
+#: participant -> (case, exit code, words of the message) for inputs refused before prediction
+REFUSED = {
+    "02": ("RGB24 T1w", 65, ["sub-02_T1w.nii.gz", "record type (R, G, B)", "Fix: give the scanner's greyscale"]),
+    "03": ("complex FLAIR", 65, ["sub-03_FLAIR.nii.gz", "complex (complex64)", "Fix: give the magnitude image"]),
+    "04": ("T1w near the float32 maximum", 65, ["sub-04_T1w.nii.gz", "float32 normalisation would overflow",
+                                                "Fix: rescale the image"]),
+    "05": ("116-byte header claiming 4000^3 float32", 65,
+           ["sub-05_T1w.nii.gz", "Image too large: the header declares 4000 x 4000 x 4000",
+            "MSXPLAIN_MAX_IMAGE_BYTES"]),
+}
+#: participant -> (case, QC flag it must get) for inputs processed with a flag
+FLAGGED = {
+    "06": ("sheared affine (sform only)", "sheared_affine_T1w"),
+    "07": ("the T1w given as FLAIR", "modality_mismatch_FLAIR"),
+    "08": ("negative T1w values", "negative_values_T1w"),
+}
+
+
+def _anat(bids: Path, sub: str) -> Path:
+    return bids / f"sub-{sub}" / "anat"
+
+
+def _break(bids: Path) -> None:
+    a = lambda s: _anat(bids, s)  # noqa: E731
+    t1 = nib.load(str(a("02") / "sub-02_T1w.nii.gz"))
+    rgb = np.zeros(t1.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["G"] = np.clip(np.asarray(t1.dataobj) / 4, 0, 255).astype(np.uint8)
+    nib.save(nib.Nifti1Image(rgb, t1.affine), str(a("02") / "sub-02_T1w.nii.gz"))
+    fl = nib.load(str(a("03") / "sub-03_FLAIR.nii.gz"))
+    write_nifti(a("03") / "sub-03_FLAIR.nii.gz", (np.asarray(fl.dataobj) * (1 + 1j)).astype(np.complex64), fl.affine)
+    t1 = nib.load(str(a("04") / "sub-04_T1w.nii.gz"))
+    data = np.asarray(t1.dataobj, np.float64)
+    write_nifti(a("04") / "sub-04_T1w.nii.gz", (data / data.max() * 3.0e38).astype(np.float32), t1.affine)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((4000, 4000, 4000))
+    hdr.set_data_dtype(np.float32)
+    hdr.set_qform(t1.affine, code=1)
+    hdr.set_sform(t1.affine, code=1)
+    (a("05") / "sub-05_T1w.nii.gz").write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4))
+    for suffix in ("T1w", "FLAIR"):  # the same sheared grid for both channels (sform only, as many tools write)
+        path = a("06") / f"sub-06_{suffix}.nii.gz"
+        img = nib.load(str(path))
+        sheared = img.affine.copy()
+        sheared[0, 1] = 0.4
+        out = nib.Nifti1Image(np.asarray(img.dataobj), sheared)
+        out.set_qform(None, code=0)
+        out.set_sform(sheared, code=1)
+        nib.save(out, str(path))
+    shutil.copy(a("07") / "sub-07_T1w.nii.gz", a("07") / "sub-07_FLAIR.nii.gz")
+    t1 = nib.load(str(a("08") / "sub-08_T1w.nii.gz"))
+    data = np.asarray(t1.dataobj).copy()
+    data[18:22, 20:24, 18:22] = -25.0
+    write_nifti(a("08") / "sub-08_T1w.nii.gz", data, t1.affine)
+
+
+@pytest.fixture(scope="module")
+def round2_run(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("round2")
+    subjects = ("01", *REFUSED, *FLAGGED)
+    bids = make_bids(root / "bids", subjects=subjects)
+    _break(bids)
+    out = root / "out"
+    code = run_cli([bids, out, "participant", "--model", tiny_model, "-w", root / "work", "--skull-stripped", "yes",
+                    "--no-tta", "--no-lesion-features", "--skip-bids-validation", "--nprocs", "2"])
+    return {"code": code, "out": out}
+
+
+def _summary(out: Path, sub: str) -> dict:
+    return json.loads((out / f"sub-{sub}" / "anat" / f"sub-{sub}_summary.json").read_text())
+
+
+@pytest.mark.parametrize("sub", sorted(REFUSED))
+def test_each_refused_input_has_its_message_and_code(round2_run, sub):
+    what, code, words = REFUSED[sub]
+    found = sorted((round2_run["out"] / f"sub-{sub}" / "log").glob("*/*_error.json"))
+    assert found, f"{what}: no error log"
+    error = json.loads(found[-1].read_text())
+    assert error["exit_code"] == code, (what, error)
+    for word in words:
+        assert word in error["message"], (what, error["message"])
+    assert "\n" not in error["message"]
+    anat = round2_run["out"] / f"sub-{sub}" / "anat"
+    assert not anat.exists() or not list(anat.iterdir()), f"{what}: derivatives written"
+    # refused by the conform node, the first one, before the network ran
+    crashes = [c.name for c in found[-1].parent.glob("crash-*")]
+    assert crashes and all("-conform-" in c for c in crashes), crashes
+
+
+@pytest.mark.parametrize("sub", sorted(FLAGGED))
+def test_each_suspicious_input_is_processed_with_a_qc_flag(round2_run, sub):
+    what, flag = FLAGGED[sub]
+    summary = _summary(round2_run["out"], sub)
+    assert flag in summary["qc_flags"], (what, summary["qc_flags"])
+    assert flag in (round2_run["out"] / f"sub-{sub}.html").read_text(), f"{what}: flag not in the report"
+
+
+def test_a_plain_participant_gets_no_new_flag(round2_run):
+    flags = _summary(round2_run["out"], "01")["qc_flags"]
+    assert not [f for f in flags if f.startswith(("sheared", "implausible_field", "negative", "modality"))], flags
+    assert round2_run["code"] == 65
