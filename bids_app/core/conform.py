@@ -83,7 +83,19 @@ def same_grid(a: Image, b: Image, tol_mm: float = 1e-3) -> bool:
 # --------------------------------------------------------------------------------------
 # SimpleITK bridges
 # --------------------------------------------------------------------------------------
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: nibabel's RAS+ world axes -> ITK's LPS+ (and back: the matrix is its own inverse)
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def set_sitk_geometry(itk, affine: np.ndarray):
+    """Give a SimpleITK image the physical space of a nibabel voxel-to-RAS+ ``affine`` (4, 4)
+    (spacing in mm, direction and origin in ITK's LPS+); returns the image."""
+    aff = np.asarray(affine, dtype=np.float64)
+    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+    itk.SetSpacing([float(z) for z in zooms])
+    itk.SetDirection([float(v) for v in (RAS_TO_LPS @ (aff[:3, :3] / zooms)).ravel()])
+    itk.SetOrigin([float(v) for v in RAS_TO_LPS @ aff[:3, 3]])
+    return itk
 
 
 def to_sitk(image: Image, dtype=np.float32):
@@ -91,13 +103,7 @@ def to_sitk(image: Image, dtype=np.float32):
     import SimpleITK as sitk
 
     data = np.asarray(image.data, dtype=dtype)
-    itk = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
-    zooms = np.asarray(image.zooms)
-    direction_ras = image.affine[:3, :3] / zooms
-    itk.SetSpacing([float(z) for z in zooms])
-    itk.SetDirection([float(v) for v in (_RAS_TO_LPS @ direction_ras).ravel()])
-    itk.SetOrigin([float(v) for v in _RAS_TO_LPS @ image.affine[:3, 3]])
-    return itk
+    return set_sitk_geometry(sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0))), image.affine)
 
 
 def from_sitk_array(itk) -> np.ndarray:
@@ -284,7 +290,8 @@ def resample_to(reference: Image, moving: Image, transform: RigidTransform | Non
         return resample_by_header(reference, moving, interpolation)
     import SimpleITK as sitk
 
-    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}[interpolation]
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
+              "bspline": sitk.sitkBSpline}[interpolation]
     out = sitk.Resample(to_sitk(moving), to_sitk(reference), transform.to_sitk(), interp, 0.0, sitk.sitkFloat32)
     return from_sitk_array(out)
 
@@ -496,7 +503,8 @@ def modality_contrast_qc(t1w: np.ndarray, flair: np.ndarray, mask: np.ndarray | 
         if box is not None:
             # the middle half of the head along every axis: brain, not scalp fat (bright in both)
             central = np.zeros_like(mask)
-            central[tuple(slice(s.start + (s.stop - s.start) // 4, s.stop - (s.stop - s.start) // 4) for s in box)] = True
+            central[tuple(slice(s.start + (s.stop - s.start) // 4, s.stop - (s.stop - s.start) // 4)
+                          for s in box)] = True
             mask = mask & central
     values = t1[mask]
     ratio = None

@@ -33,7 +33,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import BadInputData
-from .conform import REGISTRATION_SEED, _single_threaded_itk, from_sitk_array, to_sitk
+from .conform import (
+    RAS_TO_LPS,
+    REGISTRATION_SEED,
+    _single_threaded_itk,
+    from_sitk_array,
+    set_sitk_geometry,
+    to_sitk,
+)
 from .imageio import Image
 
 DEFAULT_TEMPLATE = "MNI152NLin2009cAsym"
@@ -44,9 +51,6 @@ LOCATION_CLASSES: tuple[str, ...] = (
 )
 #: cortical-involvement types
 CORTICAL_TYPES: tuple[str, ...] = ("intracortical", "leukocortical", "juxtacortical", "none")
-
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
 
 # --------------------------------------------------------------------------------------------
 # rules
@@ -338,8 +342,8 @@ class TemplateTransform:
     def from_ras_matrix(cls, matrix: np.ndarray, template: str = DEFAULT_TEMPLATE) -> TemplateTransform:
         """From a 4x4 matrix mapping subject RAS+ mm to template RAS+ mm (centre 0)."""
         m = np.asarray(matrix, dtype=np.float64)
-        a = _RAS_TO_LPS @ m[:3, :3] @ _RAS_TO_LPS
-        t = _RAS_TO_LPS @ m[:3, 3]
+        a = RAS_TO_LPS @ m[:3, :3] @ RAS_TO_LPS
+        t = RAS_TO_LPS @ m[:3, 3]
         return cls(tuple(float(v) for v in a.ravel()) + tuple(float(v) for v in t), (0.0, 0.0, 0.0),
                    float("nan"), template)
 
@@ -350,8 +354,8 @@ class TemplateTransform:
         t = np.asarray(self.parameters[9:12], dtype=np.float64)
         c = np.asarray(self.fixed_parameters[:3], dtype=np.float64)
         out = np.eye(4)
-        out[:3, :3] = _RAS_TO_LPS @ a @ _RAS_TO_LPS
-        out[:3, 3] = _RAS_TO_LPS @ (t + c - a @ c)
+        out[:3, :3] = RAS_TO_LPS @ a @ RAS_TO_LPS
+        out[:3, 3] = RAS_TO_LPS @ (t + c - a @ c)
         return out
 
     def subject_to_template(self, points_mm: np.ndarray) -> np.ndarray:
@@ -371,13 +375,7 @@ def _sitk_grid(shape: Sequence[int], affine: np.ndarray, pixel=None):
     """An empty SimpleITK image with the geometry of a nibabel (shape, affine) grid."""
     import SimpleITK as sitk
 
-    aff = np.asarray(affine, dtype=np.float64)
-    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
-    img = sitk.Image([int(s) for s in shape], sitk.sitkUInt8 if pixel is None else pixel)
-    img.SetSpacing([float(z) for z in zooms])
-    img.SetDirection([float(v) for v in (_RAS_TO_LPS @ (aff[:3, :3] / zooms)).ravel()])
-    img.SetOrigin([float(v) for v in _RAS_TO_LPS @ aff[:3, 3]])
-    return img
+    return set_sitk_geometry(sitk.Image([int(s) for s in shape], sitk.sitkUInt8 if pixel is None else pixel), affine)
 
 
 def _check_grid(data: np.ndarray, affine: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
