@@ -112,14 +112,11 @@ def load_ensemble(model_dir, card_file, folds, device, tta, num_threads):
     from pathlib import Path
 
     from ..core.segment import EnsemblePredictor, MemberInput, resolve_device
-    from ..models import CARD_NAME, ModelCard, ResolvedModel, infer_card, load_members
+    from ..models import load_members, resolve_model
 
-    trainer_dir = Path(model_dir)
-    card_path = Path(card_file) if card_file else None
-    if card_path is None and (trainer_dir / CARD_NAME).is_file():
-        card_path = trainer_dir / CARD_NAME
-    card = ModelCard.load(card_path) if card_path is not None else ModelCard.from_dict(infer_card(trainer_dir))
-    model = ResolvedModel(trainer_dir=trainer_dir, card=card, card_path=card_path, source=str(trainer_dir))
+    # the one resolution rule of --model (card given, beside the model, or inferred)
+    model = resolve_model(str(model_dir), card_path=Path(card_file) if card_file else None)
+    card, trainer_dir = model.card, model.trainer_dir
     members = load_members(model, list(folds))  # checksums are verified before unpickling
     predictor = EnsemblePredictor(
         json.loads((trainer_dir / "plans.json").read_text()),
