@@ -136,3 +136,14 @@ def run_cli(argv: list[str]) -> int:
     from bids_app.cli.run import main
 
     return main([str(a) for a in argv])
+
+
+#: module fixtures that run the whole participant pipeline (and the tests that use them are
+#: full-pipeline tests: marked ``slow``, outside the default suite; CI runs them)
+FULL_PIPELINE_FIXTURES = frozenset({"participant_run", "broken_run", "explain_run", "reference_run", "unit1_run"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FULL_PIPELINE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -29,6 +29,10 @@ def cli(bids, out, work, model, *extra) -> list[str]:
             *[str(e) for e in extra]]
 
 
+# every test here runs the participant pipeline (kill and resume, reruns, concurrent runs)
+pytestmark = pytest.mark.slow
+
+
 def env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO))
 
