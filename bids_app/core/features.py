@@ -161,7 +161,8 @@ FEATURE_DICTIONARY: dict[str, dict[str, str]] = {
     "atlas_class_fraction": {"Description": "Fraction of the lesion's voxels in atlas_class.", "Units": ""},
     "features_failed": {"Description": "1 when a feature computation failed for this lesion (its columns are "
                                        "n/a; the lesion is kept), else 0.", "Units": "",
-                        "Levels": {"0": "all features computed", "1": "some features failed (see features_failed_reason)"}},
+                        "Levels": {"0": "all features computed",
+                                   "1": "some features failed (see features_failed_reason)"}},
     "features_failed_reason": {"Description": "Which feature group failed and why (error type and message); n/a "
                                               "when none failed.", "Units": ""},
     "location_class": {"Description": "Location class: the first rule that holds, in the order infratentorial "
