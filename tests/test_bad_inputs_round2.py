@@ -328,3 +328,63 @@ def test_a_plain_participant_gets_no_new_flag(round2_run):
     flags = _summary(round2_run["out"], "01")["qc_flags"]
     assert not [f for f in flags if f.startswith(("sheared", "implausible_field", "negative", "modality"))], flags
     assert round2_run["code"] == 65
+
+
+def test_lesion_features_node_counts_and_flags_failed_lesions(tmp_path, monkeypatch, caplog):
+    """The node around the features: the count in its summary part, a QC flag, a warning."""
+    from radiomics import shape as rshape
+
+    from bids_app.interfaces.features import LesionFeatures
+    from bids_app.lesion_table import read_tsv
+    from bids_app.templates import template_file
+
+    image, _ = make_case(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-40, -48, -40]
+    inst = np.zeros(image.shape[1:], np.int16)
+    inst[12:16, 14:18, 12:16] = 1
+    inst[24:28, 28:32, 22:26] = 2
+    files = {"instances_file": write_nifti(tmp_path / "inst.nii.gz", inst, affine),
+             "channels_file": write_nifti(tmp_path / "channels.nii.gz", np.moveaxis(image, 0, -1), affine),
+             "mask_file": write_nifti(tmp_path / "mask.nii.gz", (image[0] > 0).astype(np.uint8), affine),
+             "reference_file": write_nifti(tmp_path / "sub-01_T1w.nii.gz", image[0], affine),
+             "template_t1w": template_file(resolution=2, suffix="T1w"),
+             "template_mask": template_file(resolution=2, suffix="mask", desc="brain"),
+             "template_gm": template_file(resolution=2, suffix="probseg", label="GM")}
+    real = rshape.RadiomicsShape.execute
+    calls = {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("simulated degenerate mask")
+        return real(self)
+
+    monkeypatch.setattr(rshape.RadiomicsShape, "execute", flaky)
+    monkeypatch.chdir(tmp_path)
+    node = LesionFeatures(**{k: str(v) for k, v in files.items()}, channel_names=["T1w", "FLAIR"],
+                          sources=[str(files["reference_file"])])
+    with caplog.at_level(logging.WARNING, logger="bids_app.features"):
+        result = node.run()
+    table = read_tsv(result.outputs.lesions_file)
+    assert list(table["label"]) == [1, 2] and list(table["features_failed"]) == [0, 1]
+    part = json.loads(Path(result.outputs.summary_file).read_text())
+    assert part["features"]["n_features_failed"] == 1 and part["features"]["features_failed_labels"] == [2]
+    assert part["qc_flags"] == ["lesion_features_failed"]
+    assert "features failed for 1 of 2 lesions (labels 2)" in caplog.text
+
+
+def test_session_summary_gathers_the_qc_flags_of_every_part(tmp_path, monkeypatch):
+    from bids_app.interfaces.derivatives import SessionSummary
+
+    parts = []
+    for i, (key, flags) in enumerate([("conform", ["sheared_affine_T1w"]), ("features", ["lesion_features_failed"]),
+                                      ("refinement", ["refiner_features_failed"])]):
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps({key: {"x": i}, "qc_flags": flags}))
+    monkeypatch.chdir(tmp_path)
+    result = SessionSummary(parts=[str(p) for p in parts], participant_id="sub-01", inputs=[], sources=[],
+                            provenance={}).run()
+    summary = json.loads(Path(result.outputs.summary_file).read_text())
+    assert summary["qc_flags"] == ["sheared_affine_T1w", "lesion_features_failed", "refiner_features_failed"]
+    assert summary["features"] == {"x": 1}
