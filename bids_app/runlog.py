@@ -141,7 +141,8 @@ _SUBJECT_TOKEN = re.compile(r"sub[-_]([A-Za-z0-9]+)")
 def split_run_log(run_log: Path, subjects: list[str]) -> dict[str, str]:
     """The part of a run log that concerns each subject: its own lines and the run's general
     lines (those that name no subject); a record's continuation lines follow their first line
-    unless they name subjects themselves.
+    unless they name subjects themselves, and a worker process's lines follow the subject of the
+    node it last set up.
 
     Parameters
     ----------
@@ -158,9 +159,19 @@ def split_run_log(run_log: Path, subjects: list[str]) -> dict[str, str]:
         return {}
     texts: dict[str, list[str]] = {s: [] for s in subjects}
     owners: set[str] | None = None
+    # a worker process works for the subject its last "Setting-up" line named: its later lines
+    # ("Executing", "Finished", warnings) name none but belong to that subject
+    worker_subject: dict[str, set[str]] = {}
     for line in run_log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
         named = set(_SUBJECT_TOKEN.findall(line)) or None
         if _starts_record(line):
+            fields = line.split(" | ", 3)
+            process = fields[2].strip() if len(fields) > 3 else ""
+            if process and process != "MainProcess":
+                if named:
+                    worker_subject[process] = named
+                else:
+                    named = worker_subject.get(process)
             owners = line_owners = named
         else:  # a continuation line (a list of nodes, a traceback) that names subjects is theirs
             line_owners = named or owners

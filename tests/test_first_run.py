@@ -314,10 +314,14 @@ def test_split_run_log_gives_each_subject_its_lines(tmp_path):
         "\t* wf.sub_02_wf.conform\n"
         "2026-12-04 10:00:03,000 | ERROR | MainProcess | bids_app | [sub-02] conform: FAILED\n"
         "Traceback (most recent call last):\n"
-        "ValueError: bad\n")
+        "ValueError: bad\n"
+        "2026-12-04 10:00:04,000 | INFO | ForkServerProcess-2 | nipype.workflow | [Node] Setting-up "
+        "\"wf.sub_02_wf.predict\"\n"
+        "2026-12-04 10:00:05,000 | INFO | ForkServerProcess-2 | nipype.workflow | [Node] Finished \"predict\"\n")
     parts = split_run_log(log, ["01", "02"])
     assert "participant level" in parts["01"] and "participant level" in parts["02"]
     assert "[sub-01] predict" in parts["01"] and "[sub-01] predict" not in parts["02"]
     assert "sub_01_wf.conform" in parts["01"] and "sub_02_wf" not in parts["01"]
     assert "sub_02_wf.conform" in parts["02"] and "sub_01_wf" not in parts["02"]
     assert "ValueError: bad" in parts["02"] and "ValueError" not in parts["01"]
+    assert 'Finished "predict"' in parts["02"] and 'Finished "predict"' not in parts["01"]
