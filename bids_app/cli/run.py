@@ -3,7 +3,10 @@
 Exit codes follow the BIDS Apps execution spec (see :mod:`bids_app.errors`). When some
 sessions fail and others succeed, the others are finished and written; the run then returns
 the exit code of the first failed session (sessions sorted by name) and prints one line per
-failed session with its message.
+failed session with its message. A session succeeds only when its outputs are on disk,
+written by this run; the outputs of an earlier run of a session that now fails are removed.
+SIGTERM and SIGINT end every process of the run (:mod:`bids_app.cli.shutdown`) and exit
+143 or 130.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..errors import (
     BadInputData,
     MissingInput,
     MsxplainError,
+    OutputIOError,
+    TemporaryFailure,
     UsageError,
     exit_code_from_traceback,
     message_from_traceback,
@@ -51,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config.from_args(ns)
         if config.execution.analysis_level == "participant":
-            return run_participant(config, buffer)
+            from .shutdown import RunInterrupted, terminate_on_signals
+
+            try:
+                with terminate_on_signals():
+                    return run_participant(config, buffer)
+            except RunInterrupted as exc:
+                return _interrupted(exc, config)
         from ..group import run_group
 
         try:
@@ -131,6 +142,29 @@ class _LogBuffer:
         if self.file_handler is not None:
             stop_run_log(self.file_handler)
             self.file_handler = None
+
+
+def _interrupted(exc, config) -> int:
+    """After SIGTERM/SIGINT (the run's processes are ended): remove what they were staging, say how to resume."""
+    from ..derivatives import remove_staging_of
+
+    ex = config.execution
+    try:
+        remove_staging_of(ex.output_dir, [os.getpid(), *exc.ended])
+    except OSError:
+        pass
+    LOGGER.error("Stopped by %s: %d process(es) of the run ended.", signal_name(exc.signum), len(exc.ended),
+                 extra={"console": False})
+    print(f"msxplain: stopped by {signal_name(exc.signum)}; every process of the run was ended and no session "
+          f"was left half-written. To resume, re-run the same command with the same work folder (-w "
+          f"{ex.work_dir}): finished steps are not recomputed.", file=sys.stderr)
+    return exc.exit_code
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 def main_exit() -> None:  # console-script entry point
@@ -306,8 +340,74 @@ def collect_crashes(crash_dir: Path, sessions) -> dict[str, tuple[int, str, Path
         session = _session_of_node(node or crash.name, sessions)
         if session is None or session in failures:
             continue
-        failures[session] = (exit_code_from_traceback(text), message_from_traceback(text), crash)
+        failures[session] = (*_classify_crash(text, node), crash)
     return failures
+
+
+#: what an error of a full disk (or exhausted quota) looks like in a traceback
+_NO_SPACE = ("No space left on device", "[Errno 28]", "Disk quota exceeded", "[Errno 122]")
+
+
+def _classify_crash(text: str, node: str) -> tuple[int, str]:
+    """Exit code and one-line message of a crash file's traceback.
+
+    An error of msxplain's own keeps its code; a full disk anywhere (the work folder, for
+    which Nipype raises plain OSErrors) becomes exit 74 with a message that says so.
+    """
+    code, message = exit_code_from_traceback(text), message_from_traceback(text)
+    if code == 1 and any(marker in text for marker in _NO_SPACE):
+        step = node.split(".")[-1] if node else "a processing step"
+        return 74, (f"No space left on the disk while running {step} (the work folder, or a temporary folder). "
+                    "Fix: free disk space or choose another -w, then re-run with the same -w to resume.")
+    return code, message
+
+
+def _work_disk_error(exc: OSError, work_dir: Path) -> MsxplainError:
+    """The error to report when Nipype itself fails on the work folder (e.g. it cannot write a crash file)."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(work_dir):
+        return OutputIOError("No space left in the work folder; the run was stopped.", path=str(work_dir),
+                             hint="free disk space or choose another -w, then re-run with the same -w to resume.")
+    return OutputIOError(f"I/O error in the work folder ({exc.strerror or exc}).", path=str(work_dir),
+                         hint="check the file system, then re-run with the same -w to resume.")
+
+
+def _disk_full(folder: Path, reserve: int = 1 << 20) -> bool:
+    """Whether the file system of ``folder`` has less than ``reserve`` bytes free."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(folder).free < reserve
+    except OSError:
+        return False
+
+
+def session_folder(session) -> Path:
+    """``sub-X/[ses-Y/]anat``: the folder a session's outputs are swapped into (one unit)."""
+    base = Path(f"sub-{session.subject}")
+    return (base / f"ses-{session.session}" if session.session else base) / "anat"
+
+
+def unwritten_sessions(sessions, failures, output_dir: Path, since_ns: int) -> list[str]:
+    """Sessions that no step reported as failed but whose outputs this run did not write.
+
+    A session's outputs are swapped in as one folder whose files were all written during the
+    commit, so a ``*_summary.json`` modified at or after ``since_ns`` (the mtime of this run's
+    record in the output folder, same file system and clock) proves that this run committed it.
+    """
+    missing = []
+    for s in sessions:
+        if s.name in failures:
+            continue
+        summaries = list((Path(output_dir) / session_folder(s)).glob("*_summary.json"))
+        try:
+            fresh = any(p.stat().st_mtime_ns >= since_ns for p in summaries)
+        except OSError:
+            fresh = False
+        if not fresh:
+            missing.append(s.name)
+    return missing
 
 
 def run_participant(config, log=None) -> int:
@@ -381,13 +481,15 @@ def run_participant(config, log=None) -> int:
     settings = resolve_settings(config, model, digests, references)
     authors = dataset_authors(model.card.raw)
     write_dataset_files(ex.output_dir, ex.bids_dir, __version__, authors=authors)
-    remove_stale_staging(ex.output_dir)
+    for folder, outcome in remove_stale_staging(ex.output_dir):  # killed runs: finish or undo their writes
+        LOGGER.warning("An interrupted write of an earlier run was %s (%s).", outcome, folder.name)
     log_dir = ex.output_dir / "logs"
     from ..derivatives import atomic_write_text, dumps_json
 
     from ..provenance import software_versions
 
-    atomic_write_text(log_dir / f"config-{ex.run_uuid}.json", dumps_json({
+    run_record = log_dir / f"config-{ex.run_uuid}.json"
+    atomic_write_text(run_record, dumps_json({
         "config": config.to_dict(), "parameters": settings.parameters(), "model": settings.model_provenance,
         "sessions": [s.name for s in sessions], "argv": _argv(), "cwd": os.getcwd(),
         "software": software_versions()}))
@@ -429,15 +531,32 @@ def run_participant(config, log=None) -> int:
                     {k: v for k, v in plugin_args.items() if k != "status_callback"})
         if plugin.startswith("SLURM"):
             os.environ.setdefault("LOGNAME", _user())  # Nipype's SLURM plugin names jobs after it
+        runner = plugin
+        if plugin == "MultiProc":  # Nipype's, except that a worker failing outside its node is no hang
+            from .shutdown import MultiProcPlugin
+
+            runner, plugin_args = MultiProcPlugin(plugin_args=plugin_args), None
         try:
-            workflow.run(plugin=plugin, plugin_args=plugin_args)
+            workflow.run(plugin=runner, plugin_args=plugin_args)
         except RuntimeError as exc:
             LOGGER.debug("Nipype reported failures: %s", exc)
+        except OSError as exc:  # Nipype's own files in the work folder (results, crash files)
+            raise _work_disk_error(exc, ex.work_dir) from None
         if plugin == "SLURMGraph":
             # SLURMGraph returns right after submitting the whole graph: wait for its jobs
             _wait_for_slurm_jobs({node.split(".")[-1] for node in workflow.list_node_names()})
         for name, value in collect_crashes(crash_dir, sessions).items():
             failures.setdefault(name, value)
+        # a run succeeds only when every session's outputs are on disk: a job the scheduler killed
+        # (memory, time) leaves no crash file
+        for name in unwritten_sessions(sessions, failures, ex.output_dir, run_record.stat().st_mtime_ns):
+            failures[name] = (TemporaryFailure.exit_code, "Its outputs were not written, and no step reported an "
+                              "error: a process was probably killed (out of memory, or the scheduler's time "
+                              "limit). Fix: give the run more memory or time, then re-run with the same -w "
+                              "to resume.", None)
+        if failures and _disk_full(ex.work_dir):
+            raise _work_disk_error(OSError(28, "No space left on device"), ex.work_dir)
+    _remove_failed_outputs(failures, sessions, failed, ex.output_dir)
     _copy_crash_logs(failures, ex.output_dir, ex.run_uuid)
     write_dataset_files(ex.output_dir, ex.bids_dir, __version__, authors=authors)
     from ..reports.participant import build_reports
@@ -478,19 +597,60 @@ def _user() -> str:
         return str(os.getuid())
 
 
-def _wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float = 7 * 24 * 3600) -> None:
-    """Block until no job of this user named like a node of the graph (``j<N>_<node>``) is queued."""
+def _wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float = 7 * 24 * 3600,
+                         query_timeout: float = 600.0) -> None:
+    """Block until no job of this user named like a node of the graph (``j<N>_<node>``) is queued.
+
+    Parameters
+    ----------
+    node_names : set of str
+        Names of the graph's nodes.
+    poll : float
+        Seconds between two ``squeue`` calls.
+    timeout : float
+        Longest wait for the jobs (they may stay queued for days).
+    query_timeout : float
+        Longest time ``squeue`` may keep failing (or hanging) before the run stops: without it
+        the run cannot tell whether its jobs are finished.
+
+    Raises
+    ------
+    TemporaryFailure
+        ``squeue`` failed for ``query_timeout`` seconds in a row, or the jobs were still queued
+        after ``timeout`` seconds.
+    """
     import re
     import subprocess
 
     pattern = re.compile(r"^j\d+_(%s)$" % "|".join(re.escape(n) for n in sorted(node_names)))
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run(["squeue", "-h", "-u", _user(), "-o", "%j"], capture_output=True, text=True)
-        names = [n for n in out.stdout.split() if pattern.match(n)]
-        if out.returncode == 0 and not names:
-            return
-        LOGGER.info("Waiting for %d SLURM job(s) of the graph", len(names))
+    failing_since, problem = None, ""
+    while True:
+        now = time.monotonic()
+        try:
+            out = subprocess.run(["squeue", "-h", "-u", _user(), "-o", "%j"], capture_output=True, text=True,
+                                 timeout=max(1.0, min(60.0, query_timeout)))
+            ok, problem = out.returncode == 0, (out.stderr or "").strip().splitlines()[-1:] or \
+                [f"exit code {out.returncode}"]
+        except (OSError, subprocess.TimeoutExpired) as exc:  # no squeue, or it hangs
+            out, ok, problem = None, False, [str(exc)]
+        if ok:
+            failing_since = None
+            names = [n for n in out.stdout.split() if pattern.match(n)]
+            if not names:
+                return
+            LOGGER.info("Waiting for %d SLURM job(s) of the graph", len(names))
+        else:
+            failing_since = now if failing_since is None else failing_since
+            LOGGER.warning("squeue failed (%s); retrying", problem[0])
+            if time.monotonic() - failing_since >= query_timeout:
+                raise TemporaryFailure(f"squeue kept failing for {time.monotonic() - failing_since:.0f} s "
+                                       f"({problem[0]}): the state of the run's SLURM jobs is unknown.",
+                                       hint="check SLURM (squeue -u $USER), then re-run with the same -w: "
+                                            "finished steps are kept.")
+        if time.monotonic() >= deadline:
+            raise TemporaryFailure(f"The run's SLURM jobs were still queued after {timeout:.0f} s.",
+                                   hint="check them with squeue, then re-run with the same -w when they are done.")
         time.sleep(poll)
 
 
@@ -544,6 +704,26 @@ def _publish_run_log(run_log: Path, output_dir: Path, run_uuid: str, subjects: l
             atomic_write_text(output_dir / f"sub-{subject}" / "log" / run_uuid / f"sub-{subject}_msxplain.log", part)
     except OSError as exc:
         LOGGER.warning("Could not copy the run log into %s (%s)", output_dir, exc.strerror)
+
+
+def _remove_failed_outputs(failures, sessions, discovery_failures, output_dir: Path) -> None:
+    """Remove the earlier outputs of every session whose latest attempt failed (each as one unit).
+
+    The output folder then never shows results beside the error of a later attempt, and the
+    group level cannot count them (README, "Bad input: what happens").
+    """
+    from ..derivatives import remove_session_outputs
+
+    folders = {s.name: session_folder(s) for s in list(sessions) + list(discovery_failures)}
+    for name in sorted(failures):
+        if name not in folders:
+            continue
+        try:
+            if remove_session_outputs(output_dir, folders[name]):
+                LOGGER.warning("%s failed: the outputs of an earlier run were removed (%s).", name, folders[name])
+        except OSError as exc:
+            LOGGER.warning("%s failed, and the outputs of an earlier run could not be removed (%s): %s", name,
+                           exc.strerror, output_dir / folders[name])
 
 
 def _copy_crash_logs(failures, output_dir: Path, run_uuid: str) -> None:
