@@ -29,6 +29,12 @@ file                                        content
 ==========================================  ================================================
 
 Every TSV has a JSON data dictionary beside it that defines each of its columns.
+
+Inputs are checked before anything is written: a participant output that cannot be read (a
+summary that is not a JSON object, a lesion table that is not text, a transform ITK cannot
+read) stops the group level with exit 65 and a message naming every such file. ``group/`` is
+written all or nothing: built in a staging folder and swapped in as one unit
+(:func:`bids_app.derivatives.swap_in`), so a failed group run leaves the previous one intact.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import MissingInput
+from .errors import BadInputData, MissingInput
 
 LOGGER = logging.getLogger("bids_app.group")
 
@@ -116,36 +122,122 @@ class GroupResult:
     notes: list[str] = field(default_factory=list)
 
 
+def read_summary(path: Path) -> dict:
+    """A session summary, checked: a JSON object naming its participant.
+
+    Raises
+    ------
+    ValueError
+        What is wrong with the file (one line).
+    """
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not text (binary content)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+    participant = summary.get("participant_id")
+    if not (isinstance(participant, str) and participant.startswith("sub-")):
+        raise ValueError("no participant_id of the form sub-<label>")
+    for key in ("lesions", "uncertainty", "evaluation", "brain_mask", "provenance"):
+        if not isinstance(summary.get(key, {}), dict):
+            raise ValueError(f"'{key}' is a {type(summary[key]).__name__}, not an object")
+    if not isinstance(summary.get("qc_flags", []), list):
+        raise ValueError("'qc_flags' is not a list")
+    return summary
+
+
+def read_lesion_table(path: Path) -> pd.DataFrame:
+    """A session's lesion table, checked: UTF-8 text, tab-separated, with a ``label`` column.
+
+    Raises
+    ------
+    ValueError
+        What is wrong with the file (one line).
+    """
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not text (binary content)") from None
+    if "\x00" in text:
+        raise ValueError("not text (binary content)")
+    import io
+
+    try:
+        table = pd.read_csv(io.StringIO(text), sep="\t", na_values=["n/a"], keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ValueError(f"not a tab-separated table ({str(exc).splitlines()[0] if str(exc) else 'empty'})") \
+            from None
+    if "label" not in table.columns:
+        raise ValueError("no 'label' column")
+    return table
+
+
+def latest_failure(output_dir: Path, participant: str) -> str | None:
+    """The message of a participant's latest failed run (its newest ``log/<run>/*_error.json``), if any."""
+    logs = sorted(Path(output_dir).glob(f"{participant}/log/*/*_error.json"), key=lambda p: p.stat().st_mtime)
+    if not logs:
+        return None
+    try:
+        error = json.loads(logs[-1].read_text())
+        return f"exit code {error.get('exit_code')}: {error.get('message')}"
+    except (OSError, ValueError, AttributeError):
+        return "see " + str(logs[-1])
+
+
 def collect(output_dir: Path, bids_dir: Path, participant_label=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read every session summary and lesion table; check nothing expected is missing.
 
     Raises
     ------
     MissingInput
-        No participant output at all, or expected participants without outputs (named).
+        No participant output at all, or expected participants without outputs (named, with
+        the error of their latest participant run when it failed).
+    BadInputData
+        Participant outputs that cannot be read (every such file named).
     """
     summaries = find_summaries(output_dir)
     if not summaries:
         raise MissingInput("No participant outputs (*_summary.json) found in the output folder.", path=str(output_dir),
                            hint="run the participant level first, into this output folder.")
-    rows, lesion_frames = [], []
+    rows, lesion_frames, problems = [], [], []
     for path in summaries:
-        summary = json.loads(path.read_text())
-        if participant_label and summary["participant_id"][4:] not in participant_label:
+        folder = path.relative_to(output_dir).parts[0]
+        if participant_label and folder[4:] not in participant_label:
             continue
-        rows.append(session_row(summary))
         table_path = Path(str(path).replace("_summary.json", "_lesions.tsv"))
+        try:
+            summary = read_summary(path)
+        except (ValueError, OSError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
         if not table_path.is_file():
             raise MissingInput("A session has a summary but no lesion table.", path=str(table_path),
                                hint="re-run the participant level for this session.")
-        lesions = pd.read_csv(table_path, sep="\t", na_values=["n/a"], keep_default_na=False)
+        try:
+            lesions = read_lesion_table(table_path)
+        except (ValueError, OSError) as exc:
+            problems.append(f"{table_path}: {exc}")
+            continue
+        rows.append(session_row(summary))
         lesions.insert(0, "session_id", summary.get("session_id", "n/a"))
         lesions.insert(0, "participant_id", summary["participant_id"])
         lesion_frames.append(lesions)
+    if problems:
+        raise BadInputData(f"{len(problems)} participant output file(s) cannot be read: {'; '.join(problems)}.",
+                           hint="re-run the participant level for those participants, or leave them out with "
+                                "--participant-label.")
     have = {r["participant_id"] for r in rows}
     missing = [p for p in expected_participants(bids_dir, participant_label) if p not in have]
     if missing:
-        raise MissingInput(f"No participant outputs for {len(missing)} participant(s): {', '.join(missing[:10])}"
+        named = []
+        for p in missing[:10]:
+            failure = latest_failure(output_dir, p)
+            named.append(f"{p} (its latest participant run failed, {failure})" if failure else p)
+        raise MissingInput(f"No participant outputs for {len(missing)} participant(s): {', '.join(named)}"
                            f"{'...' if len(missing) > 10 else ''}.", path=str(output_dir),
                            hint="run the participant level for them, or restrict the group with --participant-label.")
     sessions = pd.DataFrame(rows)
@@ -223,7 +315,7 @@ def lesion_frequency(output_dir: Path, sessions: pd.DataFrame):
     from .templates import template_file
 
     template = nib.load(str(template_file(resolution=2, suffix="mask", desc="brain")))
-    items = []
+    items, problems = [], []
     for _, row in sessions.iterrows():
         prefix = row["participant_id"] + ("" if row["session_id"] in (None, "n/a") else f"_{row['session_id']}")
         folder = Path(output_dir) / row["participant_id"]
@@ -233,9 +325,22 @@ def lesion_frequency(output_dir: Path, sessions: pd.DataFrame):
         xfms = sorted((folder / "anat").glob(f"{prefix}_from-*_to-MNI152NLin2009cAsym_mode-image_xfm.txt"))
         if not inst.is_file() or not xfms:
             continue
-        img = nib.load(str(inst))
-        transform = TemplateTransform.from_sitk(sitk.ReadTransform(str(xfms[0])))
-        items.append((np.asarray(img.dataobj) > 0, img.affine, transform))
+        try:
+            img = nib.load(str(inst))
+            mask = np.asarray(img.dataobj) > 0
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a corrupt file
+            problems.append(f"{inst}: cannot be read ({type(exc).__name__})")
+            continue
+        try:
+            transform = TemplateTransform.from_sitk(sitk.ReadTransform(str(xfms[0])))
+        except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError, the conversion others
+            problems.append(f"{xfms[0]}: not a transform ITK can read ({type(exc).__name__})")
+            continue
+        items.append((mask, img.affine, transform))
+    if problems:
+        raise BadInputData(f"{len(problems)} participant output file(s) cannot be read: {'; '.join(problems)}.",
+                           hint="re-run the participant level for those participants, or leave them out with "
+                                "--participant-label.")
     if not items:
         return None, template.affine
     result = lesion_frequency_map(items, template.shape, template.affine)
@@ -243,17 +348,46 @@ def lesion_frequency(output_dir: Path, sessions: pd.DataFrame):
 
 
 def run_group(config) -> int:
-    """The group level (see the module docstring)."""
-    from . import __version__
-    from .derivatives import atomic_write_text, dumps_json, write_dataset_files
-    from .lesion_table import dictionary_for, to_tsv
+    """The group level (see the module docstring): ``group/`` is built in a staging folder and
+    swapped in as one unit once every file of it is written."""
+    import shutil
+
+    from .derivatives import _io_error, recover_swap, staging_name, swap_in
 
     ex = config.execution
     out = ex.output_dir
     sessions, lesions = collect(out, ex.bids_dir, ex.participant_label)
     LOGGER.info("Group level: %d session(s), %d lesion(s)", len(sessions), len(lesions))
     result = analyse(sessions, lesions, in_domain_sites=getattr(config.outputs, "in_domain_sites", None))
-    group = out / "group"
+    staging = out / staging_name()
+    try:
+        (staging / "new" / "group").mkdir(parents=True)
+        if (out / "group" / "log").is_dir():  # earlier group runs' logs stay
+            shutil.copytree(out / "group" / "log", staging / "new" / "group" / "log")
+        _write_group(config, staging / "new", result)
+        swap_in(staging, out, Path("group"))
+    except OSError as exc:
+        raise _io_error(exc, out) from None
+    finally:
+        try:  # deletes the previous group/ after the swap, puts it back after a failed one
+            recover_swap(staging, out)
+        except OSError:
+            pass
+    LOGGER.info("Group outputs written to %s", out / "group")
+    for note in result.notes:
+        LOGGER.info("Group note: %s", note)
+    return 0
+
+
+def _write_group(config, root: Path, result: GroupResult) -> None:
+    """Write every group file into ``root/group`` (``root``: the staging folder)."""
+    from . import __version__
+    from .derivatives import atomic_write_text, dumps_json, write_dataset_files
+    from .lesion_table import dictionary_for, to_tsv
+
+    ex = config.execution
+    out = ex.output_dir
+    group = root / "group"
 
     def write_table(name: str, table: pd.DataFrame, extra: dict[str, dict]) -> None:
         # every TSV with its data dictionary: each column defined in the JSON beside it
@@ -287,14 +421,10 @@ def run_group(config) -> int:
     try:
         from .reports.group import write_group_report
 
-        write_group_report(out, result)
+        write_group_report(root, result)
     except ImportError:  # pragma: no cover - reports are optional in minimal installs
         LOGGER.warning("group report skipped (report dependencies missing)")
     write_dataset_files(out, ex.bids_dir, __version__)
-    LOGGER.info("Group outputs written to %s", group)
-    for note in result.notes:
-        LOGGER.info("Group note: %s", note)
-    return 0
 
 
 _SESSION_DICT: dict[str, dict] = {
