@@ -188,6 +188,17 @@ def latest_failure(output_dir: Path, participant: str) -> str | None:
         return "see " + str(logs[-1])
 
 
+def _missing_outputs(missing: list[str], output_dir: Path) -> MissingInput:
+    """The error naming participants without outputs, each with the error of its latest run when it failed."""
+    named = []
+    for p in missing[:10]:
+        failure = latest_failure(output_dir, p)
+        named.append(f"{p} (its latest participant run failed, {failure})" if failure else p)
+    return MissingInput(f"No participant outputs for {len(missing)} participant(s): {', '.join(named)}"
+                        f"{'...' if len(missing) > 10 else ''}.", path=str(output_dir),
+                        hint="run the participant level for them, or restrict the group with --participant-label.")
+
+
 def collect(output_dir: Path, bids_dir: Path, participant_label=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read every session summary and lesion table; check nothing expected is missing.
 
@@ -200,6 +211,9 @@ def collect(output_dir: Path, bids_dir: Path, participant_label=None) -> tuple[p
         Participant outputs that cannot be read (every such file named).
     """
     summaries = find_summaries(output_dir)
+    expected = expected_participants(bids_dir, participant_label)
+    if not summaries and any(latest_failure(output_dir, p) for p in expected):
+        raise _missing_outputs(expected, output_dir)
     if not summaries:
         raise MissingInput("No participant outputs (*_summary.json) found in the output folder.", path=str(output_dir),
                            hint="run the participant level first, into this output folder.")
@@ -231,15 +245,9 @@ def collect(output_dir: Path, bids_dir: Path, participant_label=None) -> tuple[p
                            hint="re-run the participant level for those participants, or leave them out with "
                                 "--participant-label.")
     have = {r["participant_id"] for r in rows}
-    missing = [p for p in expected_participants(bids_dir, participant_label) if p not in have]
+    missing = [p for p in expected if p not in have]
     if missing:
-        named = []
-        for p in missing[:10]:
-            failure = latest_failure(output_dir, p)
-            named.append(f"{p} (its latest participant run failed, {failure})" if failure else p)
-        raise MissingInput(f"No participant outputs for {len(missing)} participant(s): {', '.join(named)}"
-                           f"{'...' if len(missing) > 10 else ''}.", path=str(output_dir),
-                           hint="run the participant level for them, or restrict the group with --participant-label.")
+        raise _missing_outputs(missing, output_dir)
     sessions = pd.DataFrame(rows)
     participants = read_participants(bids_dir)
     extra = [c for c in participants.columns if c != "participant_id"]
