@@ -1,4 +1,4 @@
-"""The written BIDS dataset: validator-clean, deterministic, sessions, CLI errors, runtime."""
+"""The written BIDS dataset: validator-clean, deterministic, sessions, CLI errors (its runtime is a benchmark figure: benchmarks/bench_synth.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import numpy as np
 
 from bids_app.cli.tools import main as tools_main
 
-#: ceiling of the runtime assertion (the real figure is printed; the target is < 10 s)
-RUNTIME_LIMIT_S = 30.0
-
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -23,12 +20,6 @@ def _tree(root: Path) -> dict[str, bytes]:
 def _participants(root: Path) -> list[dict]:
     with open(root / "participants.tsv", newline="") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
-
-
-def test_runtime_3_subjects_2mm(cli_dataset):
-    _, elapsed = cli_dataset
-    print(f"\nsynth: 3 subjects at 2 mm, fresh process, {elapsed:.1f} s")
-    assert elapsed < RUNTIME_LIMIT_S
 
 
 def test_layout_and_metadata(cli_dataset):
