@@ -1,4 +1,7 @@
-"""The written BIDS dataset: validator-clean, deterministic, sessions, CLI errors (its runtime is a benchmark figure: benchmarks/bench_synth.py)."""
+"""The written BIDS dataset: validator-clean, deterministic, sessions, CLI errors.
+
+Its runtime is a benchmark figure (benchmarks/bench_synth.py), not a test.
+"""
 
 from __future__ import annotations
 
