@@ -299,6 +299,7 @@ def _summary(out: Path, sub: str) -> dict:
     return json.loads((out / f"sub-{sub}" / "anat" / f"sub-{sub}_summary.json").read_text())
 
 
+@pytest.mark.slow  # the whole participant pipeline (round2_run)
 @pytest.mark.parametrize("sub", sorted(REFUSED))
 def test_each_refused_input_has_its_message_and_code(round2_run, sub):
     what, code, words = REFUSED[sub]
@@ -316,6 +317,7 @@ def test_each_refused_input_has_its_message_and_code(round2_run, sub):
     assert crashes and all("-conform-" in c for c in crashes), crashes
 
 
+@pytest.mark.slow  # the whole participant pipeline (round2_run)
 @pytest.mark.parametrize("sub", sorted(FLAGGED))
 def test_each_suspicious_input_is_processed_with_a_qc_flag(round2_run, sub):
     what, flag = FLAGGED[sub]
@@ -324,6 +326,7 @@ def test_each_suspicious_input_is_processed_with_a_qc_flag(round2_run, sub):
     assert flag in (round2_run["out"] / f"sub-{sub}.html").read_text(), f"{what}: flag not in the report"
 
 
+@pytest.mark.slow  # the whole participant pipeline (round2_run)
 def test_a_plain_participant_gets_no_new_flag(round2_run):
     flags = _summary(round2_run["out"], "01")["qc_flags"]
     assert not [f for f in flags if f.startswith(("sheared", "implausible_field", "negative", "modality"))], flags
