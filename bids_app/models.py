@@ -60,6 +60,14 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
 #: a member name becomes the folder ``fold_<name>``: no separators, no ``..``
 _FOLD = re.compile(r"[A-Za-z0-9_-]+")
+#: card ``input_orientation``: the voxel order the network sees. ``native``: the file's stored
+#: axis order (nnU-Net's SimpleITKIO and NibabelIO); ``ras``: reoriented to RAS+ (NibabelIOWithReorient)
+INPUT_ORIENTATIONS = ("native", "ras")
+#: nnU-Net's NIfTI readers -> the orientation their arrays have (Tiff3DIO and NaturalImage2DIO
+#: read no NIfTI: a model trained with them needs the card's or the user's choice)
+READER_ORIENTATIONS = {"SimpleITKIO": "native", "NibabelIO": "native", "NibabelIOWithReorient": "ras"}
+#: the reader nnU-Net's planner picks for ``.nii.gz`` when neither plans.json nor dataset.json names one
+DEFAULT_NIFTI_READER = "SimpleITKIO"
 
 #: nnU-Net channel names -> BIDS queries (used only when a model has no card)
 _CHANNEL_QUERY_GUESSES: dict[str, list[dict[str, Any]]] = {
@@ -128,6 +136,8 @@ class ModelCard:
     checkpoint: str = "checkpoint_final.pth"
     reference_channel: int = 0
     skull_stripped_input: bool = True
+    #: None: follow the reader named in plans.json (:func:`input_orientation_rule`)
+    input_orientation: str | None = None
     threshold: float = 0.5
     member_thresholds: dict[str, float] | None = None
     min_lesion_size: int = 4
@@ -269,6 +279,8 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
     reference_channel = optional(data, "reference_channel", "reference_channel",
                                  lambda v: is_int(v) and 0 <= v < len(channels),
                                  f"a channel index 0..{len(channels) - 1}", 0)
+    input_orientation = optional(data, "input_orientation", "input_orientation",
+                                 lambda v: v in INPUT_ORIENTATIONS, '"native" or "ras"', None)
 
     # --- labels
     labels = []
@@ -372,6 +384,7 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
         checkpoint=checkpoint,
         reference_channel=reference_channel,
         skull_stripped_input=flags["skull_stripped_input"],
+        input_orientation=input_orientation,
         threshold=float(threshold),
         member_thresholds={str(k): float(v) for k, v in member_thresholds.items()} if member_thresholds else None,
         min_lesion_size=min_lesion_size,
@@ -468,7 +481,7 @@ def infer_card(trainer_dir: Path) -> dict[str, Any]:
     checkpoint = "checkpoint_final.pth"
     members = [{"fold": d.name[len("fold_"):], "sha256": sha256_file(d / checkpoint)}
                for d in sorted(trainer_dir.glob("fold_*")) if (d / checkpoint).is_file()]
-    return {
+    card = {
         "card_version": CARD_VERSION,
         "id": f"{trainer_dir.parent.name}/{trainer_dir.name}",
         "name": trainer_dir.parent.name,
@@ -480,6 +493,78 @@ def infer_card(trainer_dir: Path) -> dict[str, Any]:
         "members": members,
         "files": pin_model_files(trainer_dir),
     }
+    orientation = READER_ORIENTATIONS.get(model_reader(plans, dataset)[0])
+    if orientation is not None:  # a non-NIfTI reader: the run asks for --input-orientation
+        card["input_orientation"] = orientation
+    return card
+
+
+# --------------------------------------------------------------------------------------
+# The voxel order the network sees
+# --------------------------------------------------------------------------------------
+def model_reader(plans: Any, dataset: Any) -> tuple[str, str]:
+    """The image reader nnU-Net uses for this model and where it is named: ``image_reader_writer``
+    of ``plans.json`` (what ``nnUNetv2_predict`` reads with), else ``overwrite_image_reader_writer``
+    of ``dataset.json``, else :data:`DEFAULT_NIFTI_READER` (nnU-Net's choice for ``.nii.gz``).
+
+    Returns
+    -------
+    (reader, where) : (str, str)
+        e.g. ``("SimpleITKIO", "plans.json image_reader_writer")``.
+    """
+    for name, obj, key in (("plans.json", plans, "image_reader_writer"),
+                           ("dataset.json", dataset, "overwrite_image_reader_writer")):
+        reader = obj.get(key) if isinstance(obj, dict) else None
+        if isinstance(reader, str) and reader and reader != "None":
+            return reader, f"{name} {key}"
+    return DEFAULT_NIFTI_READER, "nnU-Net's default reader for .nii.gz"
+
+
+def input_orientation_rule(card: ModelCard, plans: Any, dataset: Any, override: str = "auto",
+                           source: str = "plans.json") -> tuple[str, str]:
+    """The voxel order the network sees: ``native`` (the reference image's stored axis order)
+    or ``ras`` (RAS+), and why.
+
+    The user's ``override`` (``--input-orientation native|ras``) wins, then the card's
+    ``input_orientation``, then the reader the model was trained with
+    (:func:`model_reader`, :data:`READER_ORIENTATIONS`), so that a model without the field sees
+    what ``nnUNetv2_predict`` shows it.
+
+    Returns
+    -------
+    (orientation, reason) : (str, str)
+        e.g. ``("native", "plans.json image_reader_writer SimpleITKIO")``.
+
+    Raises
+    ------
+    UsageError
+        ``override`` is not auto, native or ras.
+    BadInputData
+        Neither the user nor the card says, and the model's reader reads no NIfTI (Tiff3DIO,
+        NaturalImage2DIO): exit 65 with the two ways out.
+    """
+    if override not in ("auto",) + INPUT_ORIENTATIONS:
+        raise UsageError(f"--input-orientation {override!r} is not auto, native or ras.")
+    if override != "auto":
+        return override, "--input-orientation"
+    if card.input_orientation is not None:
+        return card.input_orientation, "model card input_orientation"
+    reader, where = model_reader(plans, dataset)
+    if reader not in READER_ORIENTATIONS:
+        raise BadInputData(
+            f"The model was trained with nnU-Net's {reader} reader, which reads no NIfTI, so msxplain cannot tell "
+            "in which voxel order its network expects the image.", path=source,
+            hint='set "input_orientation": "native" or "ras" in the model card (docs/model-card.md), '
+                 "or pass --input-orientation native|ras.")
+    return READER_ORIENTATIONS[reader], f"{where} {reader}"
+
+
+def resolve_input_orientation(model: ResolvedModel, override: str = "auto") -> tuple[str, str]:
+    """:func:`input_orientation_rule` for a resolved model (reads its plans.json and dataset.json)."""
+    plans_path = model.trainer_dir / "plans.json"
+    plans = read_json_file(plans_path, "plans.json")
+    dataset = read_json_file(model.trainer_dir / "dataset.json", "dataset.json")
+    return input_orientation_rule(model.card, plans, dataset, override, source=str(plans_path))
 
 
 # --------------------------------------------------------------------------------------
@@ -551,27 +636,42 @@ def find_named_model(name: str) -> Path | None:
 
 
 def resolve_model(spec: str, *, card_path: Path | None = None, cache_dir: Path | None = None) -> ResolvedModel:
-    """Turn ``--model NAME|DIR|ZIP`` into a :class:`ResolvedModel`.
+    """Turn ``--model NAME|DOI|URL|DIR|ZIP`` into a :class:`ResolvedModel`.
 
     Model **names resolve first**: a bare word (no ``/``, not starting with ``.`` or ``~``,
     not ending in ``.zip``) that names a bundled or installed model is that model, even when
     the current folder holds a folder of the same name (e.g. ``demo/`` from an earlier demo
     run). A folder or archive is therefore given as a path (``./demo``, ``/models/x.zip``); a
     bare word that names no model but an existing folder or archive is still taken as a path.
+    Installed and bundled names come first, then the names of the model registry, then
+    ``doi:``/``zenodo:``/``https://`` sources (pulled into the model cache on first use,
+    :mod:`bids_app.model_sources`), then folders and archives.
 
     Raises
     ------
     MissingInput
-        No such model name, folder or archive; a folder without an nnU-Net model.
+        No such model name, folder or archive; a folder without an nnU-Net model; a remote
+        source not found (404) or not cached while offline.
     BadInputData
-        Unsafe or corrupt archive; invalid card; several models in one folder.
+        Unsafe or corrupt archive; invalid card; several models in one folder; a download with
+        the wrong size or checksum.
+    TemporaryFailure
+        A download timed out or its connection dropped (it resumes on the next run).
     """
+    from .model_sources import pull_spec, registry_entry
+
     path = Path(spec).expanduser()
     root = find_named_model(spec)
+    fetched = pull_spec(spec) if root is None else None
     if root is not None:
         if path.exists() and path.resolve() != root:
             LOGGER.info("--model %s: the %s model (model names take precedence over folders; write ./%s "
                         "for the folder)", spec, spec, spec)
+    elif fetched is not None:
+        root = fetched
+    elif registry_entry(spec) is not None:  # a bundled registry entry whose folder is missing
+        raise MissingInput(f"Model '{spec}' is in the registry but not installed.", path=str(BUNDLED_MODELS_DIR),
+                           hint="reinstall msxplain.")
     elif path.is_file() and zipfile.is_zipfile(path):
         root = extract_model_archive(path, cache_dir or default_cache_dir())
     elif path.is_file():
@@ -580,9 +680,12 @@ def resolve_model(spec: str, *, card_path: Path | None = None, cache_dir: Path |
     elif path.is_dir():
         root = path.resolve()
     else:
-        names = ", ".join(available_model_names()) or "none"
-        raise MissingInput(f"Model '{spec}' not found (bundled or installed models: {names}).",
-                           hint="pass a model name, an nnU-Net model folder or a zip archive with --model.")
+        from .model_sources import load_registry
+
+        names = ", ".join(sorted(set(available_model_names()) | set(load_registry()))) or "none"
+        raise MissingInput(f"Model '{spec}' not found (model names: {names}).",
+                           hint="pass a model name, doi:10.5281/zenodo.<id>, zenodo:<id>, an https:// URL of an "
+                                "nnU-Net export zip, an nnU-Net model folder or a zip archive with --model.")
     trainer_dirs = find_trainer_dirs(root)
     if not trainer_dirs:
         raise MissingInput("No nnU-Net trained model (plans.json + dataset.json + fold_*/) found.", path=str(root),
@@ -962,10 +1065,27 @@ def load_members(model: ResolvedModel, folds: list[str]) -> list[MemberWeights]:
     return members
 
 
+def model_source_block(model: ResolvedModel) -> dict[str, Any]:
+    """Where the model came from: the DOI or URL and the checksums of the fetched archive
+    (models pulled by :mod:`bids_app.model_sources`), else ``bundled`` or ``local``."""
+    from .model_sources import source_of
+
+    record = source_of(model.trainer_dir)
+    if record:
+        return {"Kind": "zenodo" if record.get("kind") == "zenodo" else "url", "Spec": record.get("spec"),
+                "RegistryName": record.get("registry_name"), "DOI": record.get("doi"), "URL": record.get("url"),
+                "File": record.get("file"), "ArchiveSize": record.get("size"), "ArchiveMD5": record.get("md5"),
+                "ArchiveSHA256": record.get("sha256"), "CheckedAgainst": record.get("checked_against"),
+                "Fetched": record.get("fetched")}
+    bundled = model.trainer_dir.resolve().is_relative_to(BUNDLED_MODELS_DIR)
+    return {"Kind": "bundled" if bundled else "local"}
+
+
 def model_provenance(model: ResolvedModel, folds: list[str], digests: dict[str, str] | None = None) -> dict[str, Any]:
     """The model block written into every sidecar."""
     card = model.card
     return {
+        "Source": model_source_block(model),
         "Id": card.id,
         "Name": card.name,
         "Version": card.version,

@@ -1,9 +1,12 @@
 """Conforming the inputs: canonical orientation, co-registration, brain mask.
 
-* **Orientation.** The network sees every image in RAS+ voxel order (the orientation of its
-  training data, checked by nnU-Net's ``NibabelIOWithReorient``); reorientation is an exact
-  permutation/flip of the voxel grid, so outputs are mapped back to the raw reference image's
-  own voxel order with :func:`from_canonical` and land on exactly the grid the user gave.
+* **Orientation.** Every channel is put on the reference image's grid, in its stored voxel
+  order. A model read with nnU-Net's ``NibabelIOWithReorient`` sees it in RAS+ voxel order
+  (:func:`to_canonical`), one read with ``SimpleITKIO``/``NibabelIO`` in that stored order
+  (``bids_app.interfaces.segment.network_channels``, card field ``input_orientation``);
+  reorientation is an exact permutation/flip of the voxel grid, so outputs are mapped back to
+  the raw reference image's own voxel order with :func:`from_canonical` and land on exactly the
+  grid the user gave.
 * **Co-registration.** Secondary channels (e.g. FLAIR) are rigidly registered to the
   reference channel (e.g. T1w) with SimpleITK, Mattes mutual information, a 3-level pyramid
   and a geometry-centred start, single-threaded with a fixed sampling seed so that reruns are

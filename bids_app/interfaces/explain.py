@@ -55,6 +55,8 @@ class _ExplainLesionsInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     use_gpu = traits.Bool(False, usedefault=True, desc="GPU node for Nipype's MultiProc GPU queue")
     skull_strip = traits.Bool(True, usedefault=True, desc="zero the inputs outside the brain mask (model card)")
+    input_orientation = traits.Enum("auto", "native", "ras", usedefault=True,
+                                    desc="voxel order the network sees (as PredictLesions)")
     n_samples = traits.Int(50, usedefault=True, desc="SmoothGrad noise samples")
     noise_level = traits.Float(0.05, usedefault=True, desc="SmoothGrad sigma / (max - min) of the input")
     max_groups = traits.Int(8, usedefault=True, desc="voxel groups of the max aggregation")
@@ -76,8 +78,9 @@ class ExplainLesions(SimpleInterface):
     """Instance-level saliency of every predicted lesion (SmoothGrad mean/max per channel,
     Grad-CAM, Grad-CAM++): the per-lesion store, viewer maps and lesion-table summaries.
 
-    The ensemble members are explained as their mean (``docs/explain.md``), on the canonical
-    grid the network runs on; the store and maps are mapped back to the reference image's grid.
+    The ensemble members are explained as their mean (``docs/explain.md``), on the grid the
+    network runs on (RAS+ or the stored order, as for prediction); the store and maps are mapped
+    back to the reference image's grid.
     """
 
     input_spec = _ExplainLesionsInputSpec
@@ -90,26 +93,30 @@ class ExplainLesions(SimpleInterface):
         import pandas as pd
 
         from ..core.explain import ExplainConfig, explain_case, lesion_summaries, reorient_store, summary_maps
-        from ..core.conform import to_canonical
-        from ..core.imageio import Image, save_image
+        from ..core.imageio import save_image
         from ..derivatives import dumps_json
         from ..explain_store import save_store
         from ..lesion_table import write_fragment
+        from ..models import resolve_input_orientation
         from ..progress import ProgressLine
         from .segment import load_ensemble, network_channels
 
         start = time.perf_counter()
         names = list(self.inputs.channel_names)
-        _, _, _, predictor = load_ensemble(self.inputs.model_dir, self.inputs.card_file, list(self.inputs.folds),
-                                           self.inputs.device, False, self.inputs.num_threads)
+        model, _, _, predictor = load_ensemble(self.inputs.model_dir, self.inputs.card_file,
+                                               list(self.inputs.folds), self.inputs.device, False,
+                                               self.inputs.num_threads)
+        orientation, _ = resolve_input_orientation(model, self.inputs.input_orientation)
         img = nib.load(self.inputs.channels_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         stack, zooms, ornt = network_channels(np.asarray(img.dataobj, dtype=np.float32), img.affine,
-                                              mask if self.inputs.skull_strip else None)
+                                              mask if self.inputs.skull_strip else None, orientation)
         inst_img = nib.load(self.inputs.instances_file)
         instances = np.asarray(inst_img.dataobj).astype(np.int32)
         affine = inst_img.affine
-        canonical_instances = to_canonical(Image(instances, affine))[0].data  # the grid the network sees
+        # the grid the network sees: the channels' mapping (identity for native) applied to the instances
+        canonical_instances = np.ascontiguousarray(
+            nio.apply_orientation(instances, nio.ornt_transform(ornt, nio.axcodes2ornt("RAS"))))
         with open(self.inputs.lesions_file) as handle:
             geometry = json.load(handle)
         labels_all = np.asarray(geometry.get("label", []), int)

@@ -28,6 +28,9 @@ class _PredictLesionsInputSpec(BaseInterfaceInputSpec):
     use_gpu = traits.Bool(False, usedefault=True,
                           desc="marks the node as a GPU node for Nipype's MultiProc GPU queue")
     skull_strip = traits.Bool(True, usedefault=True, desc="zero the inputs outside the brain mask (model card)")
+    input_orientation = traits.Enum("auto", "native", "ras", usedefault=True,
+                                    desc="voxel order the network sees: the stored one (native), RAS+ (ras), or "
+                                         "the model card's / plans.json reader's (auto)")
     progress_label = traits.Str("", usedefault=True, desc="who the progress line is about, e.g. 'sub-01 ses-1'")
 
 
@@ -39,9 +42,9 @@ class _PredictLesionsOutputSpec(TraitedSpec):
 class PredictLesions(SimpleInterface):
     """Per-member softmax probabilities of an nnU-Net ensemble (see :mod:`bids_app.core.segment`).
 
-    The image is reoriented to RAS+ for the network (as the model was trained) and the
-    probabilities are mapped back to the input's voxel order, so downstream nodes work on the
-    reference image's own grid.
+    The network sees the image in the voxel order the model was trained with (RAS+, or the
+    stored order: :func:`network_channels`) and the probabilities are mapped back to the
+    input's voxel order, so downstream nodes work on the reference image's own grid.
     """
 
     input_spec = _PredictLesionsInputSpec
@@ -52,7 +55,7 @@ class PredictLesions(SimpleInterface):
         import numpy as np
 
         from ..core.conform import from_canonical
-        from ..models import model_provenance
+        from ..models import model_provenance, resolve_input_orientation
         from ..progress import ProgressLine
 
         start = time.perf_counter()
@@ -61,10 +64,11 @@ class PredictLesions(SimpleInterface):
             self.inputs.tta, self.inputs.num_threads)
         folds = list(self.inputs.folds)
         device = predictor.device
+        orientation, orientation_reason = resolve_input_orientation(model, self.inputs.input_orientation)
         img = nib.load(self.inputs.channels_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         stack, zooms, ornt = network_channels(np.asarray(img.dataobj, dtype=np.float32), img.affine,
-                                              mask if self.inputs.skull_strip else None)
+                                              mask if self.inputs.skull_strip else None, orientation)
         load_seconds = time.perf_counter() - start
         t0 = time.perf_counter()
         line = ProgressLine(self.inputs.progress_label or "session", "predict")
@@ -91,6 +95,8 @@ class PredictLesions(SimpleInterface):
             "tile_step_size": predictor.tile_step_size,
             "network_spacing_mm": predictor.target_spacing,
             "skull_stripped_for_network": bool(self.inputs.skull_strip),
+            "input_orientation": orientation,
+            "input_orientation_reason": orientation_reason,
             "seconds_loading": round(load_seconds, 3),
             "seconds_inference": round(predict_seconds, 3),
         }}
@@ -127,29 +133,44 @@ def load_ensemble(model_dir, card_file, folds, device, tta, num_threads):
     return model, card, members, predictor
 
 
-def network_channels(channels, affine, mask=None):
+def network_channels(channels, affine, mask=None, orientation="ras"):
     """Input channels as the network takes them: zeroed outside ``mask`` (skull-stripped
-    models), reoriented to RAS+ (as the model was trained).
+    models), in the voxel order the model expects (:func:`~bids_app.models.input_orientation_rule`).
+
+    ``ras``: reoriented to RAS+, as nnU-Net's ``NibabelIOWithReorient`` reads a file.
+    ``native``: the stored voxel order of the grid (the reference image's, after conforming),
+    as ``SimpleITKIO`` and ``NibabelIO`` read it. Either way
+    :meth:`~bids_app.core.segment.EnsemblePredictor.preprocess` then hands nnU-Net the array
+    in (z, y, x) order with the spacing reversed, as those readers do.
 
     Parameters
     ----------
     channels : ndarray (X, Y, Z, K) float32
     affine : ndarray (4, 4)
     mask : ndarray (X, Y, Z) bool or None
+    orientation : {"ras", "native"}
 
     Returns
     -------
-    stack : ndarray (K, X', Y', Z') float32 on the canonical grid
-    zooms : (3,) float, mm on the canonical grid
-    ornt : ndarray (3, 2), the original orientation (for :func:`~bids_app.core.conform.from_canonical`)
+    stack : ndarray (K, X', Y', Z') float32 on the grid the network sees
+    zooms : (3,) float, mm on that grid
+    ornt : ndarray (3, 2), the orientation that maps it back to the input grid with
+        :func:`~bids_app.core.conform.from_canonical` (the original orientation for ``ras``;
+        RAS, i.e. the identity, for ``native``)
     """
     import numpy as np
+    from nibabel import orientations as nio
 
     from ..core.conform import to_canonical
     from ..core.imageio import Image
 
+    if orientation not in ("ras", "native"):
+        raise ValueError(f"orientation must be 'ras' or 'native', not {orientation!r}")
     if mask is not None:
         channels = channels * mask[..., None]
+    if orientation == "native":
+        stack = np.ascontiguousarray(np.moveaxis(np.asarray(channels, dtype=np.float32), -1, 0))
+        return stack, Image(channels[..., 0], affine).zooms, nio.axcodes2ornt("RAS")
     canonical, ornt = [], None
     canon = None
     for k in range(channels.shape[-1]):
