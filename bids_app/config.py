@@ -47,6 +47,8 @@ class ModelConfig:
     tta: bool = True
     save_member_probabilities: bool = False
     skull_stripped: str = "auto"
+    #: voxel order the network sees: auto (the model card's, else its plans.json reader's), native or ras
+    input_orientation: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class Config:
             tta=bool(ns.tta),
             save_member_probabilities=bool(ns.save_member_probabilities),
             skull_stripped=str(getattr(ns, "skull_stripped", "auto")),
+            input_orientation=str(getattr(ns, "input_orientation", "auto")),
         )
         post = PostprocessConfig(threshold=ns.threshold, min_lesion_size=ns.min_lesion_size,
                                  connectivity=ns.connectivity)

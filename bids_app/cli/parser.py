@@ -231,6 +231,12 @@ def build_parser() -> UsageArgumentParser:
     model.add_argument("--skull-stripped", dest="skull_stripped", choices=("auto", "yes", "no"), default="auto",
                        help="are the inputs skull-stripped? auto: decide from the image (exact zeros outside a "
                        "brain-sized volume); no: build a brain mask by registering the MNI template")
+    model.add_argument("--input-orientation", dest="input_orientation", choices=("auto", "native", "ras"),
+                       default="auto",
+                       help="voxel order the network sees: native (the reference image's stored axis order, as "
+                       "nnU-Net's SimpleITKIO and NibabelIO read files) or ras (RAS+, as NibabelIOWithReorient). "
+                       "auto: the model card's input_orientation, else the reader named in the model's plans.json, "
+                       "i.e. what nnUNetv2_predict would show the network")
     model.add_argument("--save-member-probabilities", dest="save_member_probabilities", action="store_true",
                        help="also write each ensemble member's lesion probabilities (large)")
 

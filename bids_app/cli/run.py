@@ -177,13 +177,14 @@ def main_exit() -> None:  # console-script entry point
 def resolve_settings(config, model, digests: dict[str, str], references: dict | None = None):
     """Model card defaults + user overrides -> :class:`~bids_app.workflows.base.PipelineSettings`."""
     from ..core.segment import resolve_device
-    from ..models import CARD_NAME, model_provenance, model_refiner, select_members
+    from ..models import CARD_NAME, model_provenance, model_refiner, resolve_input_orientation, select_members
     from ..derivatives import atomic_write_text, dumps_json
     from ..workflows.base import PipelineSettings
 
     card = model.card
     folds = select_members(model, list(config.model.folds) if config.model.folds else None)
     device = resolve_device(config.model.device).type
+    orientation = resolve_input_orientation(model, config.model.input_orientation)  # exit 65 now, not in a node
     post = config.postprocess
     if model.card_path is not None:
         card_file = model.card_path
@@ -264,6 +265,8 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         refiner_file=refiner_file,
         refine=outputs.refine,
         refine_threshold=outputs.refine_threshold,
+        input_orientation=config.model.input_orientation,
+        network_orientation=orientation,
     )
 
 

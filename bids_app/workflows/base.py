@@ -82,6 +82,11 @@ class PipelineSettings:
     refiner_file: Path | None = None
     refine: bool = False
     refine_threshold: float | None = None
+    #: --input-orientation as given (auto, native, ras): the prediction and explanation nodes resolve
+    #: it with models.input_orientation_rule; ``network_orientation`` is the result, for the sidecars
+    input_orientation: str = "auto"
+    #: (orientation, reason) as resolved before the run, e.g. ("native", "plans.json image_reader_writer SimpleITKIO")
+    network_orientation: tuple[str, str] | None = None
 
     def parameters(self) -> dict[str, Any]:
         explain = {}
@@ -102,6 +107,8 @@ class PipelineSettings:
             "TestTimeAugmentation": self.tta,
             "Device": self.device,
             "SkullStripForNetwork": self.skull_strip,
+            **({"NetworkInputOrientation": self.network_orientation[0],
+                "NetworkInputOrientationSource": self.network_orientation[1]} if self.network_orientation else {}),
             "MemberThresholds": list(self.member_thresholds) or None,
             "DetectionMethod": self.detection_method,
             "DetectionThreshold": self.detection_threshold,
@@ -160,7 +167,8 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=str(settings.card_file),
                                      folds=list(settings.folds), device=settings.device, tta=settings.tta,
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
-                                     skull_strip=settings.skull_strip),
+                                     skull_strip=settings.skull_strip,
+                                     input_orientation=settings.input_orientation),
                       name="predict", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
     predict.inputs.progress_label = session_label(session.name)
     if use_gpu:  # cluster plugins: the prediction job asks SLURM for a GPU
@@ -225,7 +233,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
             channel_names=[f.channel for f in session.files], model_dir=str(settings.trainer_dir),
             card_file=str(settings.card_file), folds=list(settings.folds), device=settings.device,
             num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_strip=settings.skull_strip,
-            sources=sources, **settings.explain),
+            input_orientation=settings.input_orientation, sources=sources, **settings.explain),
             name="explain", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
         explain.inputs.progress_label = session_label(session.name)
         if use_gpu:
