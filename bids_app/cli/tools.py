@@ -17,7 +17,8 @@ from ..errors import MsxplainError, UsageError
 
 #: the subcommand modules, in the order of ``--help``; each defines NAME, HELP, add_arguments and run
 TOOL_MODULES: tuple[str, ...] = (".tool_synth", ".tool_uncertainty", ".tool_evaluate", ".tool_prepare_training",
-                                 ".tool_rerun", ".tool_train_demo", ".tool_train_refiner", ".tool_fetch_templates")
+                                 ".tool_rerun", ".tool_train_demo", ".tool_train_refiner", ".tool_fetch_templates",
+                                 ".tool_models")
 
 
 def build_parser() -> argparse.ArgumentParser:
