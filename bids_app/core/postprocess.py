@@ -142,6 +142,46 @@ class LesionSegmentation:
         return self.dseg == label_index
 
 
+def segmentation_from_maps(dseg: np.ndarray, instances: np.ndarray) -> LesionSegmentation:
+    """The :class:`LesionSegmentation` whose class map and instance map these are (e.g. read
+    back from the files a first node wrote, so a second node does not segment again).
+
+    Parameters
+    ----------
+    dseg : ndarray of int, shape (X, Y, Z)
+        Class map (0 background).
+    instances : ndarray of int, shape (X, Y, Z)
+        Instance map, ``1..n`` (0 background); every voxel of an instance has one class.
+
+    Returns
+    -------
+    LesionSegmentation
+
+    Raises
+    ------
+    ValueError
+        Shapes differ, labels are not ``1..n``, or an instance spans two classes or background.
+    """
+    dseg = np.asarray(dseg)
+    instances = np.asarray(instances)
+    if dseg.shape != instances.shape:
+        raise ValueError(f"class map {dseg.shape} and instance map {instances.shape} differ in shape")
+    inside = instances > 0
+    n = int(instances.max()) if inside.any() else 0
+    labels = instances[inside].astype(np.int64)
+    classes = dseg[inside].astype(np.int64)
+    low = np.full(n, np.iinfo(np.int64).max)
+    high = np.full(n, -1)
+    np.minimum.at(low, labels - 1, classes)
+    np.maximum.at(high, labels - 1, classes)
+    if n and (high < 0).any():
+        raise ValueError("instance labels are not 1..n")
+    if (low != high).any() or (n and (low <= 0).any()):
+        raise ValueError("an instance spans several classes or the background")
+    return LesionSegmentation(dseg=dseg.astype(np.uint8), instances=instances.astype(np.int32),
+                              instance_class=high.astype(np.int32))
+
+
 def segment_lesions(
     class_probs: np.ndarray,
     lesion_labels: list[int] | tuple[int, ...],

@@ -816,6 +816,7 @@ def compute_uncertainty(
     affine: np.ndarray | None = None,
     eps_voxel: float = EPS_VOXEL,
     eps_struct: float = EPS_STRUCT,
+    segmentation: LesionSegmentation | None = None,
 ) -> UncertaintyResult:
     """All uncertainty stages from member probabilities: segmentation, voxel, lesion, patient.
 
@@ -837,6 +838,9 @@ def compute_uncertainty(
     affine : ndarray (4, 4), optional
         For centroids in mm and volumes.
     eps_voxel, eps_struct : float
+    segmentation : LesionSegmentation, optional
+        The ensemble segmentation when it was computed already with the same threshold, size
+        and connectivity (:func:`ensemble_segmentation`); None computes it here.
 
     Returns
     -------
@@ -845,7 +849,12 @@ def compute_uncertainty(
     p = check_member_probs(member_probs)
     connectivity = _check_connectivity(connectivity)
     labels = _lesion_labels(p, lesion_labels)
-    seg = ensemble_segmentation(p, threshold, min_size, connectivity, labels)
+    if segmentation is None:
+        seg = ensemble_segmentation(p, threshold, min_size, connectivity, labels)
+    elif segmentation.instances.shape != p.shape[2:]:
+        raise ValueError(f"segmentation {segmentation.instances.shape} does not match the probabilities {p.shape}")
+    else:
+        seg = segmentation
     voxel_maps = voxel_uncertainty(p, eps=eps_voxel)
     segs = member_segmentations(p, threshold, min_size, connectivity, labels)
     segs_plus = None

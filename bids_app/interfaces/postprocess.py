@@ -37,7 +37,7 @@ class _PostProcessOutputSpec(TraitedSpec):
 
 class PostProcess(SimpleInterface):
     """Ensemble mean -> thresholded class masks and lesion instances
-    (:func:`bids_app.core.postprocess.segment_lesions`, :func:`~bids_app.core.postprocess.lesion_geometry`)."""
+    (:func:`bids_app.core.uncertainty.ensemble_segmentation`, :func:`~bids_app.core.postprocess.lesion_geometry`)."""
 
     input_spec = _PostProcessInputSpec
     output_spec = _PostProcessOutputSpec
@@ -47,7 +47,8 @@ class PostProcess(SimpleInterface):
         import numpy as np
 
         from ..core.imageio import save_image
-        from ..core.postprocess import lesion_geometry, segment_lesions
+        from ..core.postprocess import lesion_geometry
+        from ..core.uncertainty import ensemble_segmentation
 
         member_probs = np.load(self.inputs.member_probs_file, mmap_mode="r")
         affine = nib.load(self.inputs.reference_file).affine
@@ -56,8 +57,10 @@ class PostProcess(SimpleInterface):
         names = list(self.inputs.label_names)
         params = {"Threshold": self.inputs.threshold, "ThresholdRule": "p >= threshold",
                   "MinLesionSizeVoxels": self.inputs.min_lesion_size, "Connectivity": self.inputs.connectivity}
-        seg = segment_lesions(ensemble, indices, self.inputs.threshold, self.inputs.min_lesion_size,
-                              self.inputs.connectivity)
+        # the one segmentation of the session (float64 mean, as the uncertainty measures define it); the
+        # uncertainty node reads it back instead of segmenting again
+        seg = ensemble_segmentation(member_probs, self.inputs.threshold, self.inputs.min_lesion_size,
+                                    self.inputs.connectivity, indices)
         sources = list(self.inputs.sources)
         records = []
         for c, name in zip(indices, names):

@@ -9,6 +9,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -22,6 +23,8 @@ class _ComputeUncertaintyInputSpec(BaseInterfaceInputSpec):
     member_probs_file = File(exists=True, mandatory=True, desc=".npy (M, C, X, Y, Z) per-member probabilities")
     reference_file = File(exists=True, mandatory=True, desc="reference image (grid and affine)")
     mask_file = File(exists=True, mandatory=True, desc="brain mask (patient-level voxel averages)")
+    dseg_file = File(exists=True, desc="the session's lesion class map (PostProcess); absent: segment here")
+    instances_file = File(exists=True, desc="the session's lesion instance map (PostProcess)")
     label_indices = traits.List(traits.Int, mandatory=True, desc="output indices of the lesion classes")
     label_names = traits.List(traits.Str, mandatory=True, desc="names of the lesion classes")
     threshold = traits.Float(mandatory=True, desc="ensemble (and member) threshold")
@@ -54,6 +57,7 @@ class ComputeUncertainty(SimpleInterface):
         import numpy as np
 
         from ..core.imageio import save_image
+        from ..core.postprocess import segmentation_from_maps
         from ..core.uncertainty import compute_uncertainty, paint_lesions
         from ..lesion_table import VOXEL_MEASURES, dictionary_for, write_fragment
 
@@ -63,10 +67,14 @@ class ComputeUncertainty(SimpleInterface):
         indices = list(self.inputs.label_indices)
         names = dict(zip(indices, self.inputs.label_names))
         member_thresholds = list(self.inputs.member_thresholds) or None
+        segmentation = None
+        if isdefined(self.inputs.dseg_file) and isdefined(self.inputs.instances_file):
+            segmentation = segmentation_from_maps(np.asarray(nib.load(self.inputs.dseg_file).dataobj),
+                                                  np.asarray(nib.load(self.inputs.instances_file).dataobj))
         result = compute_uncertainty(
             np.asarray(probs), threshold=self.inputs.threshold, min_size=self.inputs.min_lesion_size,
             connectivity=self.inputs.connectivity, lesion_labels=indices, member_thresholds=member_thresholds,
-            brain_mask=mask, affine=affine)
+            brain_mask=mask, affine=affine, segmentation=segmentation)
         lesions = result.lesions.copy()
         lesions["class"] = [names.get(int(c), str(c)) for c in lesions["class"]]
         stem = os.path.abspath("lesions_uncertainty")

@@ -195,6 +195,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         (predict, postprocess, [("member_probs_file", "member_probs_file")]),
         (conform, postprocess, [("reference_file", "reference_file")]),
         (predict, uncertainty, [("member_probs_file", "member_probs_file")]),
+        (postprocess, uncertainty, [("dseg_file", "dseg_file"), ("instances_file", "instances_file")]),
         (conform, uncertainty, [("reference_file", "reference_file")]),
         (brain_mask, uncertainty, [("mask_file", "mask_file")]),
     ])  # fmt:skip

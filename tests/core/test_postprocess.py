@@ -110,3 +110,32 @@ def test_lesion_geometry():
     assert geo["volume_mm3"][0] == pytest.approx(64.0)
     assert geo["centroid_x_vox"][0] == pytest.approx(2.5)
     assert geo["centroid_x_mm"][0] == pytest.approx(-5.0) and geo["centroid_z_mm"][1] == pytest.approx(19.0)
+
+
+def test_segmentation_from_maps_round_trip_and_checks():
+    from bids_app.core.postprocess import segment_lesions, segmentation_from_maps
+
+    rng = np.random.default_rng(0)
+    probs = np.zeros((3, 20, 20, 20), np.float32)
+    probs[1] = ndimage.gaussian_filter(rng.random((20, 20, 20)), 1.5) > 0.55
+    probs[2] = ndimage.gaussian_filter(rng.random((20, 20, 20)), 1.5) > 0.56
+    seg = segment_lesions(probs, [1, 2], 0.5, min_size=2, connectivity=18)
+    assert seg.n_lesions > 2 and set(np.unique(seg.instance_class)) == {1, 2}
+    back = segmentation_from_maps(seg.dseg, seg.instances)
+    np.testing.assert_array_equal(back.instance_class, seg.instance_class)
+    np.testing.assert_array_equal(back.dseg, seg.dseg)
+    np.testing.assert_array_equal(back.instances, seg.instances)
+    empty = segmentation_from_maps(np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.int16))
+    assert empty.n_lesions == 0
+    mixed = seg.dseg.copy()
+    mixed[seg.instances == 1] = 2
+    mixed[np.argwhere(seg.instances == 1)[0][0], np.argwhere(seg.instances == 1)[0][1],
+          np.argwhere(seg.instances == 1)[0][2]] = 1
+    with pytest.raises(ValueError, match="spans"):
+        segmentation_from_maps(mixed, seg.instances)
+    gap = seg.instances.copy()
+    gap[gap == 1] = 0
+    with pytest.raises(ValueError, match="1..n"):
+        segmentation_from_maps(np.where(gap > 0, seg.dseg, 0), gap)
+    with pytest.raises(ValueError, match="shape"):
+        segmentation_from_maps(seg.dseg[:-1], seg.instances)

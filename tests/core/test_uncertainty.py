@@ -295,6 +295,25 @@ def test_matches_reference_style_loop(seed, connectivity):
         assert pat[f"avg_{name}"] == pytest.approx(vox[name][brain].mean(), rel=1e-9)
 
 
+def test_a_segmentation_read_back_gives_the_same_result():
+    """The workflow segments once (PostProcess) and hands the maps to the uncertainty node:
+    rebuilding the segmentation from its two maps gives exactly the results of segmenting again."""
+    from bids_app.core.postprocess import segmentation_from_maps
+
+    bench = _bench()
+    probs, brain = bench.synthetic_ensemble((30, 34, 28), n_members=3, n_lesions=8, seed=5)
+    settings = {"threshold": 0.4, "min_size": 2, "connectivity": 26, "brain_mask": brain}
+    fresh = U.compute_uncertainty(probs, **settings)
+    seg = U.ensemble_segmentation(probs, 0.4, 2, 26)
+    assert seg.n_lesions > 3
+    again = U.compute_uncertainty(probs, **settings,
+                                  segmentation=segmentation_from_maps(seg.dseg.copy(), seg.instances.copy()))
+    pd.testing.assert_frame_equal(fresh.lesions, again.lesions)
+    assert fresh.patient == again.patient
+    with pytest.raises(ValueError, match="does not match"):
+        U.compute_uncertainty(probs, **settings, segmentation=segmentation_from_maps(seg.dseg[:-1], seg.instances[:-1]))
+
+
 def test_compute_uncertainty_bundles_all_stages():
     bench = _bench()
     probs, brain = bench.synthetic_ensemble((30, 34, 28), n_members=3, n_lesions=8, seed=4)
