@@ -14,7 +14,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ class Config:
         omp = getattr(ns, "omp_nthreads", None) or max(1, min(nprocs, 8))
         if omp > nprocs:
             raise UsageError(f"--omp-nthreads {omp} exceeds --nprocs {nprocs}.", hint="lower --omp-nthreads.")
-        run_uuid = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"
+        run_uuid = f"{datetime.now(UTC):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"
         execution = ExecutionConfig(
             bids_dir=bids_dir,
             output_dir=output_dir,

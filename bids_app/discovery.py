@@ -222,7 +222,8 @@ def list_sessions(layout, participant_label=None, session_label=None) -> list[tu
         if missing:
             raise NoMatchingInputs(
                 f"Participant(s) {', '.join('sub-' + m for m in missing)} not found in the dataset "
-                f"(it has {len(subjects)}: {', '.join('sub-' + s for s in subjects[:8])}{'...' if len(subjects) > 8 else ''}).",
+                f"(it has {len(subjects)}: {', '.join('sub-' + s for s in subjects[:8])}"
+                f"{'...' if len(subjects) > 8 else ''}).",
                 hint="check --participant-label.")
         subjects = [s for s in subjects if s in participant_label]
     pairs: list[tuple[str, str | None]] = []

@@ -265,7 +265,8 @@ def build_parser() -> UsageArgumentParser:
                       "(default): a desc-HOparc dseg (a Harvard-Oxford-derived parcellation, not distributed by "
                       "TemplateFlow) when the local TemplateFlow folder holds one, else no atlas; none: no atlas")
     feat.add_argument("--atlas-lut", dest="atlas_lut", metavar="TSV",
-                      help="atlas lookup table (columns index, name, location_class) (default: the .tsv beside the atlas)")
+                      help="atlas lookup table (columns index, name, location_class) "
+                      "(default: the .tsv beside the atlas)")
     feat.add_argument("--export-meshes", dest="export_meshes", action="store_true",
                       help="write one STL surface mesh per lesion (scanner RAS+ mm)")
 

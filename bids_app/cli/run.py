@@ -177,8 +177,8 @@ def main_exit() -> None:  # console-script entry point
 def resolve_settings(config, model, digests: dict[str, str], references: dict | None = None):
     """Model card defaults + user overrides -> :class:`~bids_app.workflows.base.PipelineSettings`."""
     from ..core.segment import resolve_device
-    from ..models import CARD_NAME, model_provenance, model_refiner, resolve_input_orientation, select_members
     from ..derivatives import atomic_write_text, dumps_json
+    from ..models import CARD_NAME, model_provenance, model_refiner, resolve_input_orientation, select_members
     from ..workflows.base import PipelineSettings
 
     card = model.card
@@ -417,11 +417,11 @@ def run_participant(config, log=None) -> int:
     """The participant level: validate, resolve the model, discover, build, run, report."""
     from nipype import config as nipype_config
 
+    from .. import __version__
     from ..derivatives import dataset_authors, remove_stale_staging, write_dataset_files
-    from ..runlog import route_nipype_logging
     from ..discovery import discover, open_layout
     from ..models import check_consistency, resolve_model, select_members, verify_members
-    from .. import __version__
+    from ..runlog import route_nipype_logging
     from ..workflows.base import init_msxplain_wf
 
     ex = config.execution
@@ -488,7 +488,6 @@ def run_participant(config, log=None) -> int:
         LOGGER.warning("An interrupted write of an earlier run was %s (%s).", outcome, folder.name)
     log_dir = ex.output_dir / "logs"
     from ..derivatives import atomic_write_text, dumps_json
-
     from ..provenance import software_versions
 
     run_record = log_dir / f"config-{ex.run_uuid}.json"
@@ -625,7 +624,8 @@ def _wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float
     import re
     import subprocess
 
-    pattern = re.compile(r"^j\d+_(%s)$" % "|".join(re.escape(n) for n in sorted(node_names)))
+    names = "|".join(re.escape(n) for n in sorted(node_names))
+    pattern = re.compile(rf"^j\d+_({names})$")
     deadline = time.monotonic() + timeout
     failing_since, problem = None, ""
     while True:

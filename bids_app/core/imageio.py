@@ -317,7 +317,8 @@ def check_affine(img: nib.Nifti1Image, path: str) -> np.ndarray:
     """
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)):
-        raise BadInputData("Image affine contains NaN or Inf.", path=path, hint="repair the NIfTI header (qform/sform).")
+        raise BadInputData("Image affine contains NaN or Inf.", path=path,
+                           hint="repair the NIfTI header (qform/sform).")
     lin = affine[:3, :3]
     if abs(np.linalg.det(lin)) < 1e-9:
         raise BadInputData("Image affine is singular (zero voxel size or collinear axes).", path=path,

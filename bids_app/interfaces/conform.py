@@ -98,7 +98,8 @@ class ConformInputs(SimpleInterface):
                 records.append({"key": "preproc", "file": resampled, "sources": [path], "source_suffix": suffix,
                                 "entities": {"space": ref_suffix},
                                 "metadata": {"SkullStripped": conform.skull_stripped_support(image)[0],
-                                             "Description": f"{name} channel on the {ref_suffix} grid, as the network saw it."}})
+                                             "Description": f"{name} channel on the {ref_suffix} grid, "
+                                                            "as the network saw it."}})
             qc["channels"][name] = entry
         flags = self._qc_flags(qc, images, names, stack)
         channels_file = os.path.abspath("channels.nii.gz")
@@ -190,7 +191,8 @@ class BrainMask(SimpleInterface):
                                    hint="set TEMPLATEFLOW_HOME to a folder holding tpl-MNI152NLin2009cAsym, "
                                         "or give skull-stripped images.")
             mask, metric = conform.template_brain_mask(
-                reference, load_image(self.inputs.template_t1w), load_image(self.inputs.template_mask, check_values=False))
+                reference, load_image(self.inputs.template_t1w),
+                load_image(self.inputs.template_mask, check_values=False))
             qc["method"] = "MNI152NLin2009cAsym brain mask, affine registration (Mattes MI) to the reference image"
             qc["template_registration_mattes_mi"] = metric
         volume_l = float(mask.sum()) * float(np.prod(reference.zooms)) / 1e6
