@@ -444,8 +444,11 @@ _SESSION_DICT: dict[str, dict] = {
     "total_volume_mm3": {"Description": "Total predicted lesion volume.", "Units": "mm^3"},
     "unc_PSU": {"Description": "Patient-scale structural uncertainty (1 - mean IoU of member masks with the "
                                "ensemble mask).", "Units": "1"},
-    "qc_flags": {"Description": "QC flags of the session (empty_prediction, implausible_brain_volume, "
-                                "poor_registration_<channel>), or none."},
+    "qc_flags": {"Description": "QC flags of the session, ';'-separated, or none: empty_prediction, "
+                                "implausible_brain_volume, poor_registration_<channel>, sheared_affine_<channel>, "
+                                "implausible_field_of_view_<channel>, negative_values_<channel>, "
+                                "modality_mismatch_<channel>, lesion_features_failed, refiner_features_failed "
+                                "(docs/input-checks.md)."},
     "model_id": {"Description": "Model card id."},
 }
 
