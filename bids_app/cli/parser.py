@@ -205,10 +205,12 @@ def build_parser() -> UsageArgumentParser:
 
     model = parser.add_argument_group("Model and post-processing")
     model.add_argument(
-        "--model", default="demo", metavar="NAME|DIR|ZIP",
-        help="a bundled or installed model name (model names are looked up first: give a folder or zip as "
-        "a path, e.g. ./mymodel), a model folder (nnU-Net results folder with an msxplain model card) or an "
-        "nnUNetv2_export_model_to_zip archive (default: demo, the bundled demo model, trained on synthetic data only)",
+        "--model", default="demo", metavar="NAME|SOURCE|DIR|ZIP",
+        help="a bundled, installed or registry model name (names are looked up first: give a folder or zip as "
+        "a path, e.g. ./mymodel), doi:10.5281/zenodo.<id>, zenodo:<id> or an https:// URL of an nnU-Net export "
+        "zip (fetched once, checksum-verified, cached; msxplain-tools models), a model folder (nnU-Net results "
+        "folder with an msxplain model card) or an nnUNetv2_export_model_to_zip archive (default: demo, the "
+        "bundled demo model, trained on synthetic data only)",
     )
     model.add_argument(
         "--model-card", dest="model_card", type=Path, metavar="FILE",
