@@ -105,6 +105,9 @@ class Config:
     def from_args(cls, ns: argparse.Namespace) -> Config:
         """Build and cross-check the configuration (the checks fMRIPrep's parser does).
 
+        ``ns`` is what :func:`bids_app.cli.parser.parse_args` returns: every option is set there,
+        and the parser's defaults are the only defaults of a command-line run.
+
         Raises
         ------
         MissingInput
@@ -130,7 +133,7 @@ class Config:
         if real_out in bids_dir.parents:
             raise UsageError("The input BIDS dataset is inside the output folder.", path=str(output_dir),
                              hint="choose an output folder that does not contain the input dataset.")
-        work_dir = Path(os.path.abspath(Path(ns.work_dir).expanduser())) if getattr(ns, "work_dir", None) \
+        work_dir = Path(os.path.abspath(Path(ns.work_dir).expanduser())) if ns.work_dir \
             else Path(os.path.abspath("work"))
         real_work = Path(os.path.realpath(work_dir))
         if real_work == bids_dir or bids_dir in real_work.parents:
@@ -141,8 +144,8 @@ class Config:
             # re-run's cleanup of the outputs could delete the cache it resumes from)
             raise UsageError("The work folder is the output folder or inside it.", path=str(work_dir),
                              hint="use a -w/--work-dir outside the output folder, e.g. a sibling folder.")
-        nprocs = getattr(ns, "nprocs", None) or default_nprocs()
-        omp = getattr(ns, "omp_nthreads", None) or max(1, min(nprocs, 8))
+        nprocs = ns.nprocs or default_nprocs()
+        omp = ns.omp_nthreads or max(1, min(nprocs, 8))
         if omp > nprocs:
             raise UsageError(f"--omp-nthreads {omp} exceeds --nprocs {nprocs}.", hint="lower --omp-nthreads.")
         run_uuid = f"{datetime.now(UTC):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"
@@ -155,10 +158,10 @@ class Config:
             session_label=tuple(dict.fromkeys(ns.session_label)) if ns.session_label else None,
             bids_filters=ns.bids_filters,
             skip_bids_validation=bool(ns.skip_bids_validation),
-            reference_masks=Path(ns.reference_masks).resolve() if getattr(ns, "reference_masks", None) else None,
+            reference_masks=Path(ns.reference_masks).resolve() if ns.reference_masks else None,
             stop_on_first_crash=bool(ns.stop_on_first_crash),
-            write_graph=bool(getattr(ns, "write_graph", False)),
-            reports_only=bool(getattr(ns, "reports_only", False)),
+            write_graph=bool(ns.write_graph),
+            reports_only=bool(ns.reports_only),
             run_uuid=run_uuid,
         )
         if execution.reference_masks is not None and not execution.reference_masks.is_dir():
@@ -166,47 +169,44 @@ class Config:
                                hint="point it at a BIDS derivatives folder with the manual lesion masks.")
         model = ModelConfig(
             spec=str(ns.model),
-            card_path=Path(ns.model_card).resolve() if getattr(ns, "model_card", None) else None,
+            card_path=Path(ns.model_card).resolve() if ns.model_card else None,
             device=ns.device,
             folds=tuple(str(f) for f in ns.folds) if ns.folds else None,
             tta=bool(ns.tta),
             save_member_probabilities=bool(ns.save_member_probabilities),
-            skull_stripped=str(getattr(ns, "skull_stripped", "auto")),
-            input_orientation=str(getattr(ns, "input_orientation", "auto")),
+            skull_stripped=str(ns.skull_stripped),
+            input_orientation=str(ns.input_orientation),
         )
         post = PostprocessConfig(threshold=ns.threshold, min_lesion_size=ns.min_lesion_size,
                                  connectivity=ns.connectivity)
         resources = ResourceConfig(nprocs=int(nprocs), omp_nthreads=int(omp), mem_gb=ns.mem_gb,
                                    plugin=ns.plugin, plugin_args=dict(ns.plugin_args or {}))
         outputs = OutputConfig(
-            voxel_uncertainty=tuple(getattr(ns, "voxel_uncertainty", None) or OutputConfig.voxel_uncertainty),
-            lesion_uncertainty_maps=tuple(getattr(ns, "lesion_uncertainty_maps", None)
-                                          if getattr(ns, "lesion_uncertainty_maps", None) is not None
-                                          else OutputConfig.lesion_uncertainty_maps),
-            detection_method=getattr(ns, "detection_method", "iou_adj"),
-            detection_threshold=float(getattr(ns, "detection_threshold", 0.1)),
-            lesion_features=bool(getattr(ns, "lesion_features", True)),
-            atlas=str(getattr(ns, "atlas", "auto")),
-            atlas_lut=str(ns.atlas_lut) if getattr(ns, "atlas_lut", None) else None,
-            export_meshes=bool(getattr(ns, "export_meshes", False)),
-            in_domain_sites=tuple(ns.in_domain_sites) if getattr(ns, "in_domain_sites", None) else None,
+            voxel_uncertainty=tuple(ns.voxel_uncertainty),
+            lesion_uncertainty_maps=tuple(ns.lesion_uncertainty_maps),
+            detection_method=ns.detection_method,
+            detection_threshold=float(ns.detection_threshold),
+            lesion_features=bool(ns.lesion_features),
+            atlas=str(ns.atlas),
+            atlas_lut=str(ns.atlas_lut) if ns.atlas_lut else None,
+            export_meshes=bool(ns.export_meshes),
+            in_domain_sites=tuple(ns.in_domain_sites) if ns.in_domain_sites else None,
             # --refine and --refiner FILE need the saliency maps, so they switch the explanations on
-            explain=bool(getattr(ns, "explain", False) or getattr(ns, "refine", None) is not None
-                         or getattr(ns, "refiner", None) not in (None, "none")),
-            explain_samples=getattr(ns, "explain_samples", None),
-            explain_noise=getattr(ns, "explain_noise", None),
-            explain_margin=getattr(ns, "explain_margin", None),
-            explain_max_lesions=int(getattr(ns, "explain_max_lesions", 0)),
-            refiner=(None if not getattr(ns, "refiner", None) else
+            explain=bool(ns.explain or ns.refine is not None or ns.refiner not in (None, "none")),
+            explain_samples=ns.explain_samples,
+            explain_noise=ns.explain_noise,
+            explain_margin=ns.explain_margin,
+            explain_max_lesions=int(ns.explain_max_lesions),
+            refiner=(None if not ns.refiner else
                      "none" if ns.refiner == "none" else str(Path(ns.refiner).expanduser().resolve())),
-            refine=getattr(ns, "refine", None) is not None,
-            refine_threshold=(float(ns.refine) if getattr(ns, "refine", None) not in (None, "model") else None),
+            refine=ns.refine is not None,
+            refine_threshold=(float(ns.refine) if ns.refine not in (None, "model") else None),
         )
         if outputs.refine and outputs.refiner == "none":
             raise UsageError("--refine needs a refiner, but --refiner none was given.",
                              hint="drop --refiner none, or pass --refiner FILE (msxplain-tools train-refiner).")
         return cls(execution=execution, model=model, postprocess=post, resources=resources, outputs=outputs,
-                   verbosity=int(getattr(ns, "verbose", 0) or 0))
+                   verbosity=int(ns.verbose or 0))
 
     # ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
