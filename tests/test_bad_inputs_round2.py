@@ -117,12 +117,10 @@ def test_modality_contrast_flags_a_t1w_given_as_flair():
 
 
 # ------------------------------------------------------------------ item 6: no silent drop
-def test_lesion_whose_radiomics_shape_fails_is_kept_and_flagged(monkeypatch):
+def _fail_the_second_shape_extraction(monkeypatch):
+    """PyRadiomics' shape extraction raises for the second lesion it sees (a degenerate mask)."""
     from radiomics import shape as rshape
 
-    inst = np.zeros((20, 20, 20), np.int32)
-    inst[3:7, 3:7, 3:7] = 1
-    inst[12:16, 12:16, 12:16] = 2
     real = rshape.RadiomicsShape.execute
     calls = {"n": 0}
 
@@ -133,6 +131,13 @@ def test_lesion_whose_radiomics_shape_fails_is_kept_and_flagged(monkeypatch):
         return real(self)
 
     monkeypatch.setattr(rshape.RadiomicsShape, "execute", flaky)
+
+
+def test_lesion_whose_radiomics_shape_fails_is_kept_and_flagged(monkeypatch):
+    inst = np.zeros((20, 20, 20), np.int32)
+    inst[3:7, 3:7, 3:7] = 1
+    inst[12:16, 12:16, 12:16] = 2
+    _fail_the_second_shape_extraction(monkeypatch)
     table = F.lesion_features(inst, 2, np.eye(4))
     assert list(table["label"]) == [1, 2]
     assert list(table["features_failed"]) == [0, 1]
@@ -334,8 +339,6 @@ def test_a_plain_participant_gets_no_new_flag(round2_run):
 
 def test_lesion_features_node_counts_and_flags_failed_lesions(tmp_path, monkeypatch, caplog):
     """The node around the features: the count in its summary part, a QC flag, a warning."""
-    from radiomics import shape as rshape
-
     from bids_app.interfaces.features import LesionFeatures
     from bids_app.lesion_table import read_tsv
     from bids_app.templates import template_file
@@ -353,16 +356,7 @@ def test_lesion_features_node_counts_and_flags_failed_lesions(tmp_path, monkeypa
              "template_t1w": template_file(resolution=2, suffix="T1w"),
              "template_mask": template_file(resolution=2, suffix="mask", desc="brain"),
              "template_gm": template_file(resolution=2, suffix="probseg", label="GM")}
-    real = rshape.RadiomicsShape.execute
-    calls = {"n": 0}
-
-    def flaky(self):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise ValueError("simulated degenerate mask")
-        return real(self)
-
-    monkeypatch.setattr(rshape.RadiomicsShape, "execute", flaky)
+    _fail_the_second_shape_extraction(monkeypatch)
     monkeypatch.chdir(tmp_path)
     node = LesionFeatures(**{k: str(v) for k, v in files.items()}, channel_names=["T1w", "FLAIR"],
                           sources=[str(files["reference_file"])])
