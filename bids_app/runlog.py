@@ -62,8 +62,26 @@ def _console_handler(verbosity: int) -> logging.Handler:
     return handler
 
 
+class _RunLogHandler(logging.FileHandler):
+    """A run-log file handler that never breaks the code that logs.
+
+    Worker processes open the run log lazily, possibly long after their fork server read its
+    path (a later run in the same process, a work folder removed since, a full disk): a line
+    that cannot be written is lost from the file, and the node that logged it goes on.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+        except OSError:  # opening the file (FileHandler opens it outside its own try)
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass  # a failed write: no traceback on the console for a log line
+
+
 def _file_handler(path: str | os.PathLike, verbosity: int) -> logging.Handler:
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=True)
+    handler = _RunLogHandler(path, mode="a", encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
     handler._msxplain = True  # type: ignore[attr-defined]

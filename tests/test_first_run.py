@@ -325,3 +325,21 @@ def test_split_run_log_gives_each_subject_its_lines(tmp_path):
     assert "sub_02_wf.conform" in parts["02"] and "sub_01_wf" not in parts["02"]
     assert "ValueError: bad" in parts["02"] and "ValueError" not in parts["01"]
     assert 'Finished "predict"' in parts["02"] and 'Finished "predict"' not in parts["01"]
+
+
+def test_a_run_log_that_cannot_be_written_never_breaks_the_caller(tmp_path):
+    """A worker's run log may point into a folder removed since its fork server started."""
+    import logging
+
+    from bids_app.runlog import _file_handler
+
+    gone = tmp_path / "removed" / "run.log"
+    logger = logging.getLogger("bids_app.test_runlog")
+    handler = _file_handler(gone, verbosity=0)
+    logger.addHandler(handler)
+    try:
+        logger.warning("a line for a log file whose folder does not exist")  # must not raise
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert not gone.exists()
