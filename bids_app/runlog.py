@@ -58,7 +58,6 @@ def _console_handler(verbosity: int) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(CONSOLE_FORMAT, datefmt=CONSOLE_DATEFMT))
     handler.addFilter(_ConsoleFilter(verbosity))
-    handler._msxplain = True  # type: ignore[attr-defined] - ours, replaced on reconfiguration
     return handler
 
 
@@ -80,11 +79,10 @@ class _RunLogHandler(logging.FileHandler):
         pass  # a failed write: no traceback on the console for a log line
 
 
-def _file_handler(path: str | os.PathLike, verbosity: int) -> logging.Handler:
+def file_handler(path: str | os.PathLike, verbosity: int) -> logging.Handler:
     handler = _RunLogHandler(path, mode="a", encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler.setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
-    handler._msxplain = True  # type: ignore[attr-defined]
     return handler
 
 
@@ -117,7 +115,7 @@ def start_run_log(path: Path, verbosity: int) -> logging.Handler:
     """Append every message of this process (and, through the environment, of the Nipype
     workers started after this call) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = _file_handler(path, verbosity)
+    handler = file_handler(path, verbosity)
     logging.getLogger().addHandler(handler)
     os.environ[RUN_LOG_ENV] = str(path)
     os.environ[VERBOSITY_ENV] = str(verbosity)
@@ -144,7 +142,7 @@ def configure_worker_from_environment() -> None:
     handlers: list[logging.Handler] = [console]
     run_log = os.environ.get(RUN_LOG_ENV)
     if run_log:
-        handlers.append(_file_handler(run_log, verbosity))
+        handlers.append(file_handler(run_log, verbosity))
     for name in ("nipype", "bids_app"):
         logger = logging.getLogger(name)
         for handler in handlers:

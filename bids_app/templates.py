@@ -37,13 +37,17 @@ MIRROR_ENV = "MSXPLAIN_TEMPLATEFLOW_URL"
 #: the command that fills the cache once (printed in messages)
 FETCH_COMMAND = "msxplain-tools fetch-templates"
 
-#: every template file msxplain may read: (resolution, suffix, desc, label)
-REQUIRED_FILES: tuple[dict, ...] = tuple(
-    {"resolution": res, "suffix": suffix, "desc": desc, "label": label}
-    for res in (1, 2)
-    for suffix, desc, label in (("T1w", None, None), ("mask", "brain", None), ("probseg", None, "GM"),
-                                ("probseg", None, "WM"), ("probseg", None, "CSF"))
-)
+#: the template maps msxplain reads at each resolution: key -> TemplateFlow query entities
+TEMPLATE_MAPS: dict[str, dict[str, str | None]] = {
+    "T1w": {"suffix": "T1w", "desc": None},
+    "brain": {"suffix": "mask", "desc": "brain"},
+    "GM": {"suffix": "probseg", "label": "GM"},
+    "WM": {"suffix": "probseg", "label": "WM"},
+    "CSF": {"suffix": "probseg", "label": "CSF"},
+}
+#: every template file msxplain may read: each map at 1 and 2 mm
+REQUIRED_FILES: tuple[dict, ...] = tuple({"resolution": res, **entities}
+                                         for res in (1, 2) for entities in TEMPLATE_MAPS.values())
 
 
 def offline_mode() -> bool:
@@ -181,8 +185,9 @@ def feature_templates(atlas: str = "auto", atlas_lut: str | None = None) -> dict
     path to a dseg on the template grid, with ``atlas_lut`` (index, name, location_class;
     default: the ``.tsv`` beside it).
     """
-    files = {"t1w": template_file(resolution=2, suffix="T1w"),
-             "mask": template_file(resolution=2, suffix="mask", desc="brain"),
+    t1w, mask = brain_mask_template()
+    files = {"t1w": t1w,
+             "mask": mask,
              "gm": template_file(resolution=1, suffix="probseg", label="GM"),
              "wm": template_file(resolution=1, suffix="probseg", label="WM")}
     if atlas == "auto":

@@ -331,11 +331,11 @@ def test_a_run_log_that_cannot_be_written_never_breaks_the_caller(tmp_path):
     """A worker's run log may point into a folder removed since its fork server started."""
     import logging
 
-    from bids_app.runlog import _file_handler
+    from bids_app.runlog import file_handler
 
     gone = tmp_path / "removed" / "run.log"
     logger = logging.getLogger("bids_app.test_runlog")
-    handler = _file_handler(gone, verbosity=0)
+    handler = file_handler(gone, verbosity=0)
     logger.addHandler(handler)
     try:
         logger.warning("a line for a log file whose folder does not exist")  # must not raise

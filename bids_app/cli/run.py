@@ -93,10 +93,8 @@ class _LogBuffer:
     def __init__(self):
         import logging.handlers
 
-        from ..runlog import FILE_FORMAT
-
+        # records are formatted by the file they are replayed into
         self.memory = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
-        self.memory.setFormatter(logging.Formatter(FILE_FORMAT))
         self.memory.setLevel(logging.DEBUG)
         logging.getLogger().addHandler(self.memory)
         self.file_handler = None
@@ -108,26 +106,28 @@ class _LogBuffer:
 
         self.file_handler = start_run_log(path, verbosity)
         self.path = path
-        for record in self.memory.buffer:
-            if record.levelno >= self.file_handler.level:
-                self.file_handler.handle(record)
+        self._replay(self.file_handler)
         self._drop_memory()
 
     def write_to(self, path: Path) -> None:
         """Write the buffered messages to ``path`` (a run that never started its file)."""
-        from ..runlog import FILE_FORMAT
+        from ..runlog import file_handler
 
         if self.memory is None:
             return
-        formatter = logging.Formatter(FILE_FORMAT)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as handle:
-                for record in self.memory.buffer:
-                    if record.levelno >= logging.INFO:
-                        handle.write(formatter.format(record) + "\n")
         except OSError as exc:
             LOGGER.warning("Could not write the log %s (%s)", path, exc.strerror)
+            return
+        handler = file_handler(path, verbosity=0)
+        self._replay(handler)
+        handler.close()
+
+    def _replay(self, handler: logging.Handler) -> None:
+        for record in self.memory.buffer:
+            if record.levelno >= handler.level:  # Handler.handle does not look at its own level
+                handler.handle(record)
 
     def _drop_memory(self) -> None:
         if self.memory is not None:
@@ -388,8 +388,9 @@ def _disk_full(folder: Path, reserve: int = 1 << 20) -> bool:
 
 def session_folder(session) -> Path:
     """``sub-X/[ses-Y/]anat``: the folder a session's outputs are swapped into (one unit)."""
-    base = Path(f"sub-{session.subject}")
-    return (base / f"ses-{session.session}" if session.session else base) / "anat"
+    from ..derivatives import subject_dir
+
+    return subject_dir({"sub": session.subject, "ses": session.session or ""})
 
 
 def unwritten_sessions(sessions, failures, output_dir: Path, since_ns: int) -> list[str]:

@@ -29,16 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputData, MissingInput, UsageError
+from ..templates import TEMPLATE_MAPS
 
 TEMPLATE = "MNI152NLin2009cAsym"
 #: template files needed at each native resolution: key -> TemplateFlow query entities
-TEMPLATE_FILES: dict[str, dict[str, str | None]] = {
-    "T1w": {"suffix": "T1w", "desc": None},
-    "brain": {"suffix": "mask", "desc": "brain"},
-    "GM": {"suffix": "probseg", "label": "GM"},
-    "WM": {"suffix": "probseg", "label": "WM"},
-    "CSF": {"suffix": "probseg", "label": "CSF"},
-}
+TEMPLATE_FILES = TEMPLATE_MAPS
 #: patients whose lesion masks are left out of the library unless asked otherwise
 DEFAULT_EXCLUDED_PATIENTS: tuple[str, ...] = ("patient07",)
 #: lesion-mask file pattern inside ``<dir>/patientNN/``
