@@ -42,7 +42,7 @@ except ImportError:  # run from a checkout without installing
 
 def synthetic_case(seed: int, shape=(48, 56, 48)):
     """(2, X, Y, Z) image (zero outside an ellipsoidal brain) and labels, like tests/conftest.make_case."""
-    from bids_app.training.tiny import _synthetic_case
+    from bids_app.testing.tiny_model import _synthetic_case
 
     image, labels = _synthetic_case(np.random.default_rng(seed), shape)
     image = (image - image.min()) * 100.0
@@ -111,12 +111,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.models import load_members, resolve_model, select_members
+    from bids_app.model.models import load_members, resolve_model, select_members
 
     tmp = None
     model_dir = args.model
     if model_dir is None:
-        from bids_app.training.tiny import build_tiny_model
+        from bids_app.testing.tiny_model import build_tiny_model
 
         tmp = tempfile.TemporaryDirectory()
         model_dir = build_tiny_model(tmp.name, n_members=3, iterations=60)

@@ -55,8 +55,8 @@ CAM_FORMS = ("gradcam", "gradcampp", "gradcampp-elementwise", "hirescam", "layer
 # ------------------------------------------------------------------------------------------
 
 def synthetic_blobs(rng, shape, n_big=(2, 6), n_small=(0, 4), r_big=(2.0, 4.0), r_small=(1.2, 2.0)):
-    """Two-channel blobs like the tiny model's training data (bids_app.training.tiny), any shape."""
-    from bids_app.training.tiny import blob_case
+    """Two-channel blobs like the tiny model's training data (bids_app.testing.tiny_model), any shape."""
+    from bids_app.testing.tiny_model import blob_case
 
     return blob_case(rng, shape, n_big, n_small, r_big, r_small)
 
@@ -259,7 +259,7 @@ def print_cam_table(tab, title):
 def tiny_networks(model_dir, folds, member_weights=None):
     """Member networks, network spacing and patch of an nnU-Net trained-model folder."""
     from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.models import load_members, resolve_model
+    from bids_app.model.models import load_members, resolve_model
 
     model = resolve_model(str(model_dir))
     members = load_members(model, list(folds))
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
     model = args.model
     tmp = None
     if model is None:
-        from bids_app.training.tiny import build_tiny_model
+        from bids_app.testing.tiny_model import build_tiny_model
 
         tmp = tempfile.TemporaryDirectory()
         t0 = time.perf_counter()

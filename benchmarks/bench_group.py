@@ -39,12 +39,12 @@ import numpy as np
 import pandas as pd
 
 try:
-    from bids_app.core import groupstats as G
+    from bids_app.core.cohort import groupstats as G
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bids_app.core import groupstats as G
+    from bids_app.core.cohort import groupstats as G
 
-from bids_app.core.evaluation import detection_scores
+from bids_app.core.metrics.evaluation import detection_scores
 
 SITES = ("A", "B", "C", "D", "E")
 IN_DOMAIN = ("A", "B")
@@ -188,10 +188,10 @@ def group_benchmark(args, timer: Timer) -> None:
 # --------------------------------------------------------------------------------------------
 
 def features_benchmark(args, timer: Timer) -> None:
-    from bids_app.core import location as L
-    from bids_app.core.features import FeatureOptions, lesion_features
     from bids_app.core.imageio import load_image
-    from bids_app.core.meshes import lesion_meshes, stl_bytes
+    from bids_app.core.lesions import location as L
+    from bids_app.core.lesions.features import FeatureOptions, lesion_features
+    from bids_app.core.lesions.meshes import lesion_meshes, stl_bytes
     from bids_app.core.postprocess import label_components
 
     shared = Path(args.shared)

@@ -6,11 +6,14 @@ must answer instantly, also inside a container.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+#: the package data (io_spec.json, registry.json, bundled models and lesion masks)
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
 
 def _read_version() -> str:
     """The ``version`` file of a source checkout wins (editable installs), else the metadata."""
-    from pathlib import Path
-
     candidate = Path(__file__).resolve().parent.parent / "version"
     if candidate.is_file():
         return candidate.read_text().strip()

@@ -1,3 +1,3 @@
-from .cli.run import main_exit
+from bids_app.cli.run import main_exit
 
 main_exit()

@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from bids_app.models import (
+from bids_app.model.models import (
     CARD_NAME,
     check_consistency,
     extract_model_archive,

@@ -57,7 +57,7 @@ def tiny_model(tmp_path_factory) -> Path:
     """Trainer folder of the tiny 3-member nnU-Net model (built once per test session)."""
     import torch
 
-    from bids_app.training.tiny import build_tiny_model
+    from bids_app.testing.tiny_model import build_tiny_model
 
     torch.set_num_threads(2)
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"), n_members=3, iterations=60)
@@ -76,7 +76,7 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) 
 
 def make_case(seed: int, shape=(40, 48, 40)) -> tuple[np.ndarray, np.ndarray]:
     """(2, X, Y, Z) T1w/FLAIR-like float32 image, zero outside an ellipsoidal 'brain', and labels."""
-    from bids_app.training.tiny import _synthetic_case
+    from bids_app.testing.tiny_model import _synthetic_case
 
     image, labels = _synthetic_case(np.random.default_rng(seed), shape)
     image = (image - image.min()) * 100.0

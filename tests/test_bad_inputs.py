@@ -186,7 +186,7 @@ def test_read_only_or_full_output_leaves_nothing(tiny_model, small, tmp_path, mo
     The Linear plugin runs the nodes in this process so the simulation reaches them."""
     import os
 
-    import bids_app.derivatives as derivatives
+    import bids_app.bids.derivatives as derivatives
 
     out = tmp_path / "out"
     real_replace = os.replace

@@ -19,14 +19,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_app.bids.discovery import check_filter_keys, collect_session, open_layout
 from bids_app.core import conform
-from bids_app.core import features as F
 from bids_app.core import saliency_radiomics as R
 from bids_app.core.explain import SaliencyStore
 from bids_app.core.imageio import Image
-from bids_app.discovery import check_filter_keys, collect_session, open_layout
+from bids_app.core.lesions import features as F
 from bids_app.errors import UsageError
-from bids_app.models import ModelCard
+from bids_app.model.models import ModelCard
 from conftest import make_bids, make_case, run_cli, write_nifti
 
 
@@ -148,7 +148,7 @@ def test_lesion_whose_radiomics_shape_fails_is_kept_and_flagged(monkeypatch):
 
 
 def _refine_inputs(tmp_path: Path):
-    from bids_app.explain_store import save_store
+    from bids_app.formats.saliency_store import save_store
 
     shape = (24, 22, 18)
     rng = np.random.default_rng(0)
@@ -186,8 +186,8 @@ def _refine_inputs(tmp_path: Path):
 
 
 def test_refine_keeps_and_flags_a_lesion_it_could_not_score(tmp_path, monkeypatch, caplog):
+    from bids_app.formats.lesion_table import read_tsv
     from bids_app.interfaces.explain import RefineLesions
-    from bids_app.lesion_table import read_tsv
 
     store_file, inst_file, lesions_file, refiner_file = _refine_inputs(tmp_path)
     extractor = R._extractor()
@@ -339,9 +339,9 @@ def test_a_plain_participant_gets_no_new_flag(round2_run):
 
 def test_lesion_features_node_counts_and_flags_failed_lesions(tmp_path, monkeypatch, caplog):
     """The node around the features: the count in its summary part, a QC flag, a warning."""
+    from bids_app.bids.templates import template_file
+    from bids_app.formats.lesion_table import read_tsv
     from bids_app.interfaces.features import LesionFeatures
-    from bids_app.lesion_table import read_tsv
-    from bids_app.templates import template_file
 
     image, _ = make_case(0)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])

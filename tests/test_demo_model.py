@@ -12,7 +12,7 @@ from conftest import REPO, SHARED, need_shared, run_cli
 
 
 def test_card_checksums_and_contents():
-    from bids_app.models import check_consistency, resolve_model, select_members, sha256_file, verify_members
+    from bids_app.model.models import check_consistency, resolve_model, select_members, sha256_file, verify_members
 
     model = resolve_model("demo")
     card = model.card
@@ -34,7 +34,7 @@ def test_bundled_refiner_is_verified_and_sets_the_explain_defaults():
 
     from bids_app.cli.run import explain_parameters
     from bids_app.core.saliency_radiomics import N_FEATURES, check_refiner
-    from bids_app.models import model_refiner, resolve_model
+    from bids_app.model.models import model_refiner, resolve_model
 
     model = resolve_model("demo")
     path = model_refiner(model)  # checksum against the card
@@ -51,11 +51,11 @@ def test_bundled_refiner_is_verified_and_sets_the_explain_defaults():
 def test_demo_model_segments_a_synthetic_subject():
     import torch
 
-    from bids_app.core.evaluation import lesion_detection
     from bids_app.core.imageio import Image
+    from bids_app.core.metrics.evaluation import lesion_detection
     from bids_app.core.postprocess import segment_lesions
     from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.models import load_members, resolve_model
+    from bids_app.model.models import load_members, resolve_model
     from bids_app.synth import generate_subject, sample_site
     from bids_app.training.dataset import conform_case
 
@@ -100,7 +100,7 @@ def test_real_patient07_end_to_end(tmp_path):
     assert {"location_class", "gm_fraction", "LSU", "lesion_type"} <= set(table.columns)
     # uncertainty is informative on real data: false positives are more uncertain than true ones
     assert table.loc[table.lesion_type == "FPL", "LSU"].mean() > table.loc[table.lesion_type == "TPL", "LSU"].mean()
-    from bids_app.validation import validate
+    from bids_app.bids.validation import validate
 
     assert validate(out).errors == []
     assert np.isfinite(metrics["all/ECE"])

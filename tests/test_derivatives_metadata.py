@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bids_app.derivatives import (
+from bids_app.bids.derivatives import (
     dataset_authors,
     dataset_description,
     lookup_column_definitions,
@@ -19,7 +19,7 @@ from bids_app.derivatives import (
     undefined_tsv_columns,
     write_dataset_files,
 )
-from bids_app.validation import ValidationResult, parse_report, require_valid, validate
+from bids_app.bids.validation import ValidationResult, parse_report, require_valid, validate
 from conftest import make_bids, need_shared, run_cli
 
 #: validator codes that say a TSV column lacks (or contradicts) its definition

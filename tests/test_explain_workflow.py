@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.validation import validate
+from bids_app.bids.validation import validate
 from conftest import make_bids, run_cli
 
 ANAT = "sub-01/anat"
@@ -64,7 +64,7 @@ def test_explanations_are_written_with_sidecars_and_validate(explain_run):
 
 
 def test_store_is_on_the_input_grid_and_matches_the_maps(explain_run):
-    from bids_app.explain_store import load_store
+    from bids_app.formats.saliency_store import load_store
 
     anat = explain_run["out"] / ANAT
     store = load_store(anat / "sub-01_desc-lesions_saliency.npz")
@@ -89,7 +89,7 @@ def test_store_is_on_the_input_grid_and_matches_the_maps(explain_run):
 
 def test_lesion_table_has_saliency_and_refiner_columns(explain_run):
     from bids_app.core import saliency_radiomics as R
-    from bids_app.explain_store import load_store
+    from bids_app.formats.saliency_store import load_store
 
     anat = explain_run["out"] / ANAT
     table = pd.read_csv(anat / "sub-01_lesions.tsv", sep="\t", na_values=["n/a"])
@@ -127,7 +127,7 @@ def test_refined_segmentation_drops_exactly_the_rejected_lesions(explain_run):
 
 
 def test_changing_the_refine_threshold_does_not_recompute_the_saliency(explain_run):
-    from bids_app.explain_store import load_store
+    from bids_app.formats.saliency_store import load_store
 
     anat = explain_run["out"] / ANAT
     store_file = anat / "sub-01_desc-lesions_saliency.npz"

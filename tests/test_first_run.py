@@ -16,9 +16,9 @@ import threading
 
 import pytest
 
+from bids_app.app.progress import ProgressLine, format_duration
 from bids_app.cli.parser import build_parser
 from bids_app.errors import MissingInput
-from bids_app.progress import ProgressLine, format_duration
 from conftest import REPO, SHARED, make_bids, run_cli
 
 
@@ -120,7 +120,7 @@ def test_predictor_reports_every_tile_of_every_member(tiny_model):
     import numpy as np
 
     from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.models import load_members, resolve_model
+    from bids_app.model.models import load_members, resolve_model
     from conftest import make_case
 
     model = resolve_model(str(tiny_model))
@@ -175,7 +175,7 @@ def test_participant_run_prints_progress_and_keeps_a_text_log(tiny_model, tmp_pa
 # model names before folders
 # ---------------------------------------------------------------------------------------------
 def test_a_folder_named_like_a_model_does_not_shadow_it(tmp_path, monkeypatch):
-    from bids_app.models import BUNDLED_MODELS_DIR, resolve_model
+    from bids_app.model.models import BUNDLED_MODELS_DIR, resolve_model
 
     (tmp_path / "demo" / "bids").mkdir(parents=True)  # what an earlier demo run left behind
     monkeypatch.chdir(tmp_path)
@@ -185,7 +185,7 @@ def test_a_folder_named_like_a_model_does_not_shadow_it(tmp_path, monkeypatch):
 
 
 def test_a_bare_folder_name_that_is_no_model_is_still_a_folder(tiny_model, tmp_path, monkeypatch):
-    from bids_app.models import resolve_model
+    from bids_app.model.models import resolve_model
 
     shutil.copytree(tiny_model, tmp_path / "mymodel")
     monkeypatch.chdir(tmp_path)
@@ -242,7 +242,7 @@ def online(monkeypatch, tmp_path):
 
 
 def test_templates_are_fetched_once_on_first_use(online, template_server, monkeypatch, capfd):
-    from bids_app import templates
+    from bids_app.bids import templates
 
     monkeypatch.setenv(templates.MIRROR_ENV, f"http://127.0.0.1:{template_server.server_port}")
     assert templates.templateflow_home() == online and not templates.offline_mode()
@@ -255,8 +255,8 @@ def test_templates_are_fetched_once_on_first_use(online, template_server, monkey
 
 
 def test_fetch_templates_command_fills_the_cache(online, template_server, monkeypatch, capsys):
+    from bids_app.bids.templates import MIRROR_ENV, REQUIRED_FILES
     from bids_app.cli.tools import main as tools_main
-    from bids_app.templates import MIRROR_ENV, REQUIRED_FILES
 
     monkeypatch.setenv(MIRROR_ENV, f"http://127.0.0.1:{template_server.server_port}")
     assert tools_main(["fetch-templates", "--check"]) == 66
@@ -267,7 +267,7 @@ def test_fetch_templates_command_fills_the_cache(online, template_server, monkey
 
 
 def test_offline_never_touches_the_network_and_names_the_files(tmp_path, monkeypatch):
-    from bids_app import templates
+    from bids_app.bids import templates
 
     empty = tmp_path / "tf"
     empty.mkdir()
@@ -303,7 +303,7 @@ def test_offline_participant_run_without_templates_fails_before_processing(tiny_
 
 
 def test_split_run_log_gives_each_subject_its_lines(tmp_path):
-    from bids_app.runlog import split_run_log
+    from bids_app.app.runlog import split_run_log
 
     log = tmp_path / "run.log"
     log.write_text(
@@ -331,7 +331,7 @@ def test_a_run_log_that_cannot_be_written_never_breaks_the_caller(tmp_path):
     """A worker's run log may point into a folder removed since its fork server started."""
     import logging
 
-    from bids_app.runlog import file_handler
+    from bids_app.app.runlog import file_handler
 
     gone = tmp_path / "removed" / "run.log"
     logger = logging.getLogger("bids_app.test_runlog")

@@ -2,7 +2,7 @@
 layers, and the pure core does no file I/O.
 
 * ``bids_app.core`` imports no Nipype, no pybids and no msxplain layer above it (only
-  ``bids_app.errors``, ``bids_app.model_safety`` and other core modules); only
+  ``bids_app.errors``, ``bids_app.model.safety`` and other core modules); only
   ``core/imageio.py`` reads or writes files.
 * ``bids_app.interfaces`` imports no workflows and no CLI.
 * nothing imports ``bids_app.cli`` except the CLI itself and the entry points.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bids_app"
-CORE_MAY_IMPORT = ("bids_app.errors", "bids_app.model_safety", "bids_app.core")
+CORE_MAY_IMPORT = ("bids_app.errors", "bids_app.model.safety", "bids_app.core")
 FILE_IO_CALLS = ("open", "load", "save", "read_text", "write_text", "read_bytes", "write_bytes", "to_csv",
                  "read_csv", "to_filename", "ReadImage", "WriteImage", "dump", "savez", "savez_compressed")
 

@@ -1,7 +1,7 @@
 """Untrusted model folders: class names in plans.json, pinned plans/dataset files, the card schema.
 
 The attacks here ran code on msxplain before the exact allow-lists of
-:mod:`bids_app.model_safety`: nnU-Net locates the network and layer classes of ``plans.json``
+:mod:`bids_app.model.safety`: nnU-Net locates the network and layer classes of ``plans.json``
 with ``pydoc.locate``, which follows attributes, so a name under an allowed prefix could reach
 ``torch.hub.load`` (importing a ``hubconf.py`` from a folder the plans name) or ``os.system``.
 Each attack writes a marker file if its payload runs; the marker must stay absent.
@@ -18,8 +18,7 @@ import pytest
 
 from bids_app.core.segment import EnsemblePredictor, MemberInput, build_network
 from bids_app.errors import BadInputData
-from bids_app.model_safety import LAYER_CLASSES, NETWORK_CLASSES, check_dataset_json, check_plans, import_allowed
-from bids_app.models import (
+from bids_app.model.models import (
     CARD_NAME,
     MODEL_FILES,
     ModelCard,
@@ -30,6 +29,7 @@ from bids_app.models import (
     resolve_model,
     verify_members,
 )
+from bids_app.model.safety import LAYER_CLASSES, NETWORK_CLASSES, check_dataset_json, check_plans, import_allowed
 from conftest import make_bids, run_cli
 
 CONFIG = "3d_fullres"
@@ -310,7 +310,7 @@ def test_legacy_card_without_pins_warns_and_runs(model_copy, caplog):
     del card["files"]
     (model_copy / CARD_NAME).write_text(json.dumps(card))
     model = resolve_model(str(model_copy))
-    with caplog.at_level(logging.WARNING, logger="bids_app.models"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.model.models"):
         check_consistency(model)
     assert "pins no SHA-256 for plans.json and dataset.json" in caplog.text
     assert verify_members(model, ["0"])

@@ -186,8 +186,8 @@ def cache_left(tmp_path: Path) -> list[str]:
 
 
 def test_pull_by_doi_then_by_zenodo_id_uses_one_cache_entry(zenodo, export, tmp_path):
-    from bids_app.model_sources import source_of
-    from bids_app.models import load_members, model_provenance, resolve_model
+    from bids_app.model.models import load_members, model_provenance, resolve_model
+    from bids_app.model.sources import source_of
 
     data, marker = export
     model = resolve_model("doi:10.5281/zenodo.1001")
@@ -230,7 +230,7 @@ def test_pull_command_reads_the_invenio_rdm_form_and_reuses_the_cache_offline(ze
 
 
 def test_a_dropped_connection_resumes_with_a_range_request(zenodo, export, tmp_path, capsys):
-    from bids_app.models import resolve_model
+    from bids_app.model.models import resolve_model
 
     data, _ = export
     key = "Dataset990_MsxplainTiny.zip"
@@ -246,7 +246,7 @@ def test_a_dropped_connection_resumes_with_a_range_request(zenodo, export, tmp_p
     model = resolve_model("zenodo:1001")
     assert zenodo.file_requests(key) == [None, f"bytes={half}-"]
     assert model.card.id == "msxplain-tiny-test" and not part.exists()
-    from bids_app.model_sources import source_of
+    from bids_app.model.sources import source_of
 
     assert source_of(model.trainer_dir)["sha256"] == hashlib.sha256(data).hexdigest()
 
@@ -299,7 +299,7 @@ def test_not_found_and_timeout_have_clear_messages(zenodo, export, tmp_path, mon
 
 
 def test_a_record_with_several_zips_needs_a_file_name(zenodo, export, tmp_path, capsys):
-    from bids_app.models import resolve_model
+    from bids_app.model.models import resolve_model
 
     data, _ = export
     zenodo.add_record("1008", {"a.zip": data, "b.zip": data})
@@ -311,12 +311,12 @@ def test_a_record_with_several_zips_needs_a_file_name(zenodo, export, tmp_path, 
 
 
 def test_urls_https_only_except_loopback(zenodo, tmp_path, capsys):
-    from bids_app.models import resolve_model
+    from bids_app.model.models import resolve_model
 
     assert tools_main(["models", "pull", "http://example.org/model.zip"]) == UsageError.exit_code
     assert "only https://" in capsys.readouterr().err
     model = resolve_model(f"{zenodo.base}/files/Dataset990_MsxplainTiny.zip")  # a direct URL
-    from bids_app.model_sources import source_of
+    from bids_app.model.sources import source_of
 
     record = source_of(model.trainer_dir)
     assert record["kind"] == "url" and record["checked_against"] == "size only"
@@ -324,7 +324,7 @@ def test_urls_https_only_except_loopback(zenodo, tmp_path, capsys):
 
 
 def test_two_concurrent_pulls_end_with_one_intact_entry(zenodo, tmp_path):
-    from bids_app.models import resolve_model, verify_members
+    from bids_app.model.models import resolve_model, verify_members
 
     zenodo.delay = 0.5  # both pulls are under way before the file comes
     results, errors = [], []
@@ -351,8 +351,8 @@ def test_two_concurrent_pulls_end_with_one_intact_entry(zenodo, tmp_path):
 
 def test_a_registry_entry_pins_the_sha256_and_ships_the_card(zenodo, export, tiny_model, tmp_path, monkeypatch,
                                                             capsys):
-    from bids_app import model_sources
-    from bids_app.models import CARD_NAME, resolve_model
+    from bids_app.model import sources as model_sources
+    from bids_app.model.models import CARD_NAME, resolve_model
 
     data, _ = export
     buf = io.BytesIO()  # the export without a card: the registry's card is used
@@ -392,21 +392,21 @@ def test_a_registry_entry_pins_the_sha256_and_ships_the_card(zenodo, export, tin
 
 
 def test_the_shipped_registry_is_valid_and_demo_is_bundled():
-    from bids_app.model_sources import load_registry, remote_source
-    from bids_app.models import BUNDLED_MODELS_DIR, resolve_model
+    from bids_app.model.models import BUNDLED_MODELS_DIR, resolve_model
+    from bids_app.model.sources import load_registry, remote_source
 
     registry = load_registry()
     assert registry["demo"].bundled and registry["demo"].card_file().is_file()
     assert remote_source("demo") is None
     model = resolve_model("demo")
     assert model.trainer_dir.is_relative_to(BUNDLED_MODELS_DIR)
-    from bids_app.models import model_provenance
+    from bids_app.model.models import model_provenance
 
     assert model_provenance(model, ["0"])["Source"] == {"Kind": "bundled"}
 
 
 def test_models_offline_ignores_templateflow_home(monkeypatch):
-    from bids_app.model_sources import models_offline
+    from bids_app.model.sources import models_offline
 
     monkeypatch.setenv("TEMPLATEFLOW_HOME", "/tmp")
     monkeypatch.delenv("MSXPLAIN_OFFLINE", raising=False)

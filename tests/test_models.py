@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bids_app.errors import BadInputData, MissingInput
-from bids_app.models import (
+from bids_app.model.models import (
     CARD_NAME,
     MODELS_PATH_ENV,
     extract_model_archive,
@@ -178,7 +178,7 @@ def test_real_nnunet_checkpoint_globals_are_allowed(tiny_model, tmp_path):
 def test_bundled_refiner_is_checksum_verified(model_copy):
     import json
 
-    from bids_app.models import model_refiner, sha256_file
+    from bids_app.model.models import model_refiner, sha256_file
 
     assert model_refiner(resolve_model(str(model_copy))) is None  # the card names none
     refiner = model_copy / "refiner.json"

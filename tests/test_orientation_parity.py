@@ -21,7 +21,7 @@ import torch
 from nibabel import orientations as nio
 
 from bids_app.errors import BadInputData, UsageError
-from bids_app.models import (
+from bids_app.model.models import (
     CARD_NAME,
     ModelCard,
     infer_card,

@@ -94,7 +94,7 @@ def test_plugin_args_json():
 
 
 def test_explanation_options(tmp_path):
-    from bids_app.config import Config
+    from bids_app.app.config import Config
 
     bids = tmp_path / "bids"
     bids.mkdir()

@@ -104,7 +104,7 @@ def test_two_runs_writing_into_one_output_at_once(dataset, tiny_model, tmp_path)
         assert (out / f"sub-{sub}" / "anat" / f"sub-{sub}_lesions.tsv").is_file()
         assert (out / f"sub-{sub}" / "anat" / f"sub-{sub}_summary.json").is_file()
     assert not list(out.glob(".msxplain-staging-*")) and not list(out.glob(".*.tmp"))
-    from bids_app.validation import validate
+    from bids_app.bids.validation import validate
 
     assert validate(out).errors == []
 

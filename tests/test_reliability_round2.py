@@ -185,7 +185,7 @@ def _contents(anat: Path) -> dict[str, float]:
 
 
 def test_a_session_is_replaced_as_one_unit(dataset, tmp_path, monkeypatch):
-    from bids_app import derivatives
+    from bids_app.bids import derivatives
 
     out = tmp_path / "out"
     derivatives.commit_records(_records(tmp_path, dataset, "old"), out, dataset)
@@ -220,7 +220,7 @@ def _dead_pid() -> int:
 @pytest.mark.parametrize("killed_after", ["old moved aside", "new moved into place"])
 def test_an_interrupted_swap_is_rolled_back_or_finished_on_the_next_start(dataset, tmp_path, killed_after):
     """A process killed in the middle of a swap leaves its journal; the next start completes it."""
-    from bids_app import derivatives
+    from bids_app.bids import derivatives
 
     out = tmp_path / "out"
     derivatives.commit_records(_records(tmp_path, dataset, "old"), out, dataset)

@@ -267,8 +267,8 @@ def _group_result(n_subjects: int):
 
 
 def test_group_report_caveat_strip_plots_and_frequency_map(tmp_path):
+    from bids_app.bids.templates import template_file
     from bids_app.reports.group import FREQUENCY_MAP, small_sample_caveat, write_group_report
-    from bids_app.templates import template_file
 
     assert small_sample_caveat(2, 2).startswith("n < 10: descriptive only")
     assert small_sample_caveat(12, 20) is None

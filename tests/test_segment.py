@@ -10,7 +10,7 @@ import torch
 
 from bids_app.core.segment import EnsemblePredictor, MemberInput, build_network, resolve_device
 from bids_app.errors import BadInputData, UsageError
-from bids_app.models import load_members, resolve_model, select_members
+from bids_app.model.models import load_members, resolve_model, select_members
 from conftest import make_case
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from slurm_cluster import slurm_cluster
 
-from bids_app.validation import validate
+from bids_app.bids.validation import validate
 from conftest import make_bids, run_cli
 
 

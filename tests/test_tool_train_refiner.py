@@ -12,7 +12,7 @@ import pandas as pd
 from bids_app.cli.tools import main as tools_main
 from bids_app.core import saliency_radiomics as R
 from bids_app.core.explain import SaliencyStore
-from bids_app.explain_store import save_store
+from bids_app.formats.saliency_store import save_store
 
 SHAPE = (40, 36, 30)
 AFFINE = np.diag([1.0, 1.0, 1.2, 1.0])

@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_app.cli import tool_evaluate, tool_uncertainty
+from bids_app.cli.tools import evaluate as tool_evaluate
+from bids_app.cli.tools import uncertainty as tool_uncertainty
 from bids_app.errors import BadInputData, MissingInput, UsageError
 
 AFFINE = np.array([[1.0, 0, 0, -20], [0, 1.2, 0, -30], [0, 0, 1.5, 10], [0, 0, 0, 1]])
@@ -164,7 +165,7 @@ def test_evaluate_tool_defaults_and_empty_reference(tmp_path):
 
 
 def test_tools_main_exit_codes(tmp_path):
-    pytest.importorskip("bids_app.cli.tool_synth")  # msxplain-tools imports every registered tool
+    pytest.importorskip("bids_app.cli.tools.synth")  # msxplain-tools imports every registered tool
     from bids_app.cli.tools import main
 
     f = _masks(tmp_path)

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_app.derivatives import io_spec, parse_bids_name
-from bids_app.validation import validate
+from bids_app.bids.derivatives import io_spec, parse_bids_name
+from bids_app.bids.validation import validate
 from conftest import REPO, make_bids, run_cli
 
 EXPECTED = REPO / "tests" / "data" / "expected_outputs.txt"
@@ -156,7 +156,7 @@ def test_io_spec_covers_every_written_suffix(participant_run):
 
 
 def test_graph_marks_prediction_as_gpu_node(tiny_model, tmp_path):
-    from bids_app.discovery import SelectedFile, SessionInputs
+    from bids_app.bids.discovery import SelectedFile, SessionInputs
     from bids_app.workflows.base import PipelineSettings, init_msxplain_wf
 
     bids = make_bids(tmp_path / "bids", subjects=("01",))

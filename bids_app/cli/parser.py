@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import UnknownAnalysisLevel, UsageError
+from bids_app.errors import UnknownAnalysisLevel, UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
 
@@ -157,7 +157,7 @@ def _plugin_args(value: str) -> dict:
 
 def build_parser() -> UsageArgumentParser:
     """The ``msxplain`` argument parser."""
-    from .. import __version__
+    from bids_app import __version__
 
     parser = UsageArgumentParser(
         prog="msxplain",

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import (
+from bids_app.errors import (
     EXIT_SUCCESS,
     BadInputData,
     MissingInput,
@@ -35,8 +35,8 @@ LOGGER = logging.getLogger("bids_app")
 
 def main(argv: list[str] | None = None) -> int:
     """Run msxplain; returns the BIDS-Apps exit code."""
-    from ..runlog import setup_console
-    from .parser import parse_args
+    from bids_app.app.runlog import setup_console
+    from bids_app.cli.parser import parse_args
 
     global _CURRENT_ARGV
     _CURRENT_ARGV = list(argv) if argv is not None else sys.argv[1:]
@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     setup_console(ns.verbose)
     offline_before = os.environ.get("MSXPLAIN_OFFLINE")
-    if ns.offline:  # read by bids_app.templates, here and in every worker process
+    if ns.offline:  # read by bids_app.bids.templates, here and in every worker process
         os.environ["MSXPLAIN_OFFLINE"] = "1"
-    from ..config import Config
+    from bids_app.app.config import Config
 
     # every message of the run is kept until its log file's place is known (the output folder
     # must stay untouched when the run fails before processing)
@@ -56,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config.from_args(ns)
         if config.execution.analysis_level == "participant":
-            from .shutdown import RunInterrupted, terminate_on_signals
+            from bids_app.cli.shutdown import RunInterrupted, terminate_on_signals
 
             try:
                 with terminate_on_signals():
                     return run_participant(config, buffer)
             except RunInterrupted as exc:
                 return _interrupted(exc, config)
-        from ..group import run_group
+        from bids_app.app.group import run_group
 
         try:
             return run_group(config)
@@ -102,7 +102,7 @@ class _LogBuffer:
 
     def start_file(self, path: Path, verbosity: int) -> None:
         """From now on the run's messages (and its workers') go to ``path``; the buffered ones first."""
-        from ..runlog import start_run_log
+        from bids_app.app.runlog import start_run_log
 
         self.file_handler = start_run_log(path, verbosity)
         self.path = path
@@ -111,7 +111,7 @@ class _LogBuffer:
 
     def write_to(self, path: Path) -> None:
         """Write the buffered messages to ``path`` (a run that never started its file)."""
-        from ..runlog import file_handler
+        from bids_app.app.runlog import file_handler
 
         if self.memory is None:
             return
@@ -136,7 +136,7 @@ class _LogBuffer:
             self.memory = None
 
     def close(self) -> None:
-        from ..runlog import stop_run_log
+        from bids_app.app.runlog import stop_run_log
 
         self._drop_memory()
         if self.file_handler is not None:
@@ -146,7 +146,7 @@ class _LogBuffer:
 
 def _interrupted(exc, config) -> int:
     """After SIGTERM/SIGINT (the run's processes are ended): remove what they were staging, say how to resume."""
-    from ..derivatives import remove_staging_of
+    from bids_app.bids.derivatives import remove_staging_of
 
     ex = config.execution
     try:
@@ -176,10 +176,16 @@ def main_exit() -> None:  # console-script entry point
 # --------------------------------------------------------------------------------------
 def resolve_settings(config, model, digests: dict[str, str], references: dict | None = None):
     """Model card defaults + user overrides -> :class:`~bids_app.workflows.base.PipelineSettings`."""
-    from ..core.segment import resolve_device
-    from ..derivatives import atomic_write_text, dumps_json
-    from ..models import CARD_NAME, model_provenance, model_refiner, resolve_input_orientation, select_members
-    from ..workflows.base import PipelineSettings
+    from bids_app.bids.derivatives import atomic_write_text, dumps_json
+    from bids_app.core.segment import resolve_device
+    from bids_app.model.models import (
+        CARD_NAME,
+        model_provenance,
+        model_refiner,
+        resolve_input_orientation,
+        select_members,
+    )
+    from bids_app.workflows.base import PipelineSettings
 
     card = model.card
     folds = select_members(model, list(config.model.folds) if config.model.folds else None)
@@ -193,7 +199,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         atomic_write_text(card_file, dumps_json(card.raw))
     template_t1w = template_mask = None
     try:
-        from ..templates import brain_mask_template
+        from bids_app.bids.templates import brain_mask_template
 
         template_t1w, template_mask = brain_mask_template()
     except MsxplainError as exc:
@@ -202,7 +208,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         LOGGER.warning("No brain-mask template: %s (only skull-stripped inputs can be processed).", exc.one_line())
     feature_templates = None
     if config.outputs.lesion_features:
-        from ..templates import feature_templates as find_feature_templates
+        from bids_app.bids.templates import feature_templates as find_feature_templates
 
         try:
             feature_templates = find_feature_templates(config.outputs.atlas, config.outputs.atlas_lut)
@@ -272,7 +278,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
 
 def _read_refiner(path: Path) -> dict:
     """A refiner JSON, checked before the run starts."""
-    from ..core.saliency_radiomics import check_refiner
+    from bids_app.core.saliency_radiomics import check_refiner
 
     try:
         return check_refiner(json.loads(path.read_text()))
@@ -285,7 +291,7 @@ def explain_parameters(outputs, refiner: dict | None) -> dict:
     """ExplainLesions parameters: the user's, else those the refiner was trained with (its
     radiomic features depend on them), else the :class:`~bids_app.core.explain.ExplainConfig`
     defaults."""
-    from ..core.explain import ExplainConfig
+    from bids_app.core.explain import ExplainConfig
 
     trained = (refiner or {}).get("explain_config") or {}
     default = ExplainConfig()
@@ -322,7 +328,7 @@ def plugin_settings(config, settings) -> tuple[str, dict]:
 
 
 def _session_of_node(node_name: str, sessions) -> str | None:
-    from ..workflows.base import session_wf_name
+    from bids_app.workflows.base import session_wf_name
 
     for session in sessions:
         if session_wf_name(session) in node_name:
@@ -388,7 +394,7 @@ def _disk_full(folder: Path, reserve: int = 1 << 20) -> bool:
 
 def session_folder(session) -> Path:
     """``sub-X/[ses-Y/]anat``: the folder a session's outputs are swapped into (one unit)."""
-    from ..derivatives import subject_dir
+    from bids_app.bids.derivatives import subject_dir
 
     return subject_dir({"sub": session.subject, "ses": session.session or ""})
 
@@ -418,16 +424,16 @@ def run_participant(config, log=None) -> int:
     """The participant level: validate, resolve the model, discover, build, run, report."""
     from nipype import config as nipype_config
 
-    from .. import __version__
-    from ..derivatives import dataset_authors, remove_stale_staging, write_dataset_files
-    from ..discovery import discover, open_layout
-    from ..models import check_consistency, resolve_model, select_members, verify_members
-    from ..runlog import route_nipype_logging
-    from ..workflows.base import init_msxplain_wf
+    from bids_app import __version__
+    from bids_app.app.runlog import route_nipype_logging
+    from bids_app.bids.derivatives import dataset_authors, remove_stale_staging, write_dataset_files
+    from bids_app.bids.discovery import discover, open_layout
+    from bids_app.model.models import check_consistency, resolve_model, select_members, verify_members
+    from bids_app.workflows.base import init_msxplain_wf
 
     ex = config.execution
     if ex.reports_only:
-        from ..reports.participant import build_reports
+        from bids_app.reports.participant import build_reports
 
         labels = [f"sub-{p}" for p in ex.participant_label] if ex.participant_label else None
         written = build_reports(ex.output_dir, labels)
@@ -436,7 +442,7 @@ def run_participant(config, log=None) -> int:
     started = time.time()
     LOGGER.info("msxplain %s, participant level, run %s", __version__, ex.run_uuid)
     if not ex.skip_bids_validation:
-        from ..validation import require_valid
+        from bids_app.bids.validation import require_valid
 
         LOGGER.info("Validating %s with bids-validator-deno", ex.bids_dir)
         require_valid(ex.bids_dir)
@@ -463,7 +469,7 @@ def run_participant(config, log=None) -> int:
     try:
         ex.work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        from ..errors import CannotCreateOutput
+        from bids_app.errors import CannotCreateOutput
 
         raise CannotCreateOutput(f"Cannot create the work folder ({exc.strerror}).", path=str(ex.work_dir),
                                  hint="choose a writable --work-dir.") from None
@@ -472,7 +478,7 @@ def run_participant(config, log=None) -> int:
         log.start_file(run_log, config.verbosity)
     references = {}
     if ex.reference_masks is not None:
-        from ..discovery import find_reference_masks
+        from bids_app.bids.discovery import find_reference_masks
 
         for s in sessions:
             ref = find_reference_masks(ex.reference_masks, model.card, s.subject, s.session,
@@ -488,8 +494,8 @@ def run_participant(config, log=None) -> int:
     for folder, outcome in remove_stale_staging(ex.output_dir):  # killed runs: finish or undo their writes
         LOGGER.warning("An interrupted write of an earlier run was %s (%s).", outcome, folder.name)
     log_dir = ex.output_dir / "logs"
-    from ..derivatives import atomic_write_text, dumps_json
-    from ..provenance import software_versions
+    from bids_app.bids.derivatives import atomic_write_text, dumps_json
+    from bids_app.bids.provenance import software_versions
 
     run_record = log_dir / f"config-{ex.run_uuid}.json"
     atomic_write_text(run_record, dumps_json({
@@ -528,15 +534,15 @@ def run_participant(config, log=None) -> int:
             if plugin_args.get("mp_context") == "forkserver":
                 import multiprocessing.forkserver
 
-                # workers set their logging up before Nipype is imported there (bids_app.runlog)
-                multiprocessing.forkserver.set_forkserver_preload(["__main__", "bids_app.worker_logging"])
+                # workers set their logging up before Nipype is imported there (bids_app.app.runlog)
+                multiprocessing.forkserver.set_forkserver_preload(["__main__", "bids_app.app.worker_logging"])
         LOGGER.info("Running %d session(s) with Nipype %s (%s)", len(sessions), plugin,
                     {k: v for k, v in plugin_args.items() if k != "status_callback"})
         if plugin.startswith("SLURM"):
             os.environ.setdefault("LOGNAME", _user())  # Nipype's SLURM plugin names jobs after it
         runner = plugin
         if plugin == "MultiProc":  # Nipype's, except that a worker failing outside its node is no hang
-            from .shutdown import MultiProcPlugin
+            from bids_app.cli.shutdown import MultiProcPlugin
 
             runner, plugin_args = MultiProcPlugin(plugin_args=plugin_args), None
         try:
@@ -562,7 +568,7 @@ def run_participant(config, log=None) -> int:
     _remove_failed_outputs(failures, sessions, failed, ex.output_dir)
     _copy_crash_logs(failures, ex.output_dir, ex.run_uuid)
     write_dataset_files(ex.output_dir, ex.bids_dir, __version__, authors=authors)
-    from ..reports.participant import build_reports
+    from bids_app.reports.participant import build_reports
 
     build_reports(ex.output_dir, sorted({f"sub-{s.subject}" for s in sessions} |
                                         {name.split("_")[0] for name in failures}))
@@ -661,8 +667,8 @@ def _wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float
 def _progress_callback(sessions, n_steps: int):
     """A MultiProc status callback: one line per node started and finished, with the session
     it belongs to (session k of N) and the run's steps done (finished nodes of ``n_steps``)."""
-    from ..progress import format_duration, session_label
-    from ..workflows.base import session_wf_name
+    from bids_app.app.progress import format_duration, session_label
+    from bids_app.workflows.base import session_wf_name
 
     order = {session_wf_name(s): (k, s.name) for k, s in enumerate(sessions, 1)}
     state = {"done": 0, "started": {}}
@@ -698,8 +704,8 @@ _LONG_STAGES = {"conform", "brain_mask", "predict", "uncertainty", "features", "
 
 def _publish_run_log(run_log: Path, output_dir: Path, run_uuid: str, subjects: list[str]) -> None:
     """Copy the run log into the output folder: whole (``logs/``) and per subject."""
-    from ..derivatives import atomic_write_text
-    from ..runlog import split_run_log
+    from bids_app.app.runlog import split_run_log
+    from bids_app.bids.derivatives import atomic_write_text
 
     try:
         text = run_log.read_text(encoding="utf-8", errors="replace") if run_log.is_file() else ""
@@ -716,7 +722,7 @@ def _remove_failed_outputs(failures, sessions, discovery_failures, output_dir: P
     The output folder then never shows results beside the error of a later attempt, and the
     group level cannot count them (README, "Bad input: what happens").
     """
-    from ..derivatives import remove_session_outputs
+    from bids_app.bids.derivatives import remove_session_outputs
 
     folders = {s.name: session_folder(s) for s in list(sessions) + list(discovery_failures)}
     for name in sorted(failures):

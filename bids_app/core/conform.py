@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from nibabel import orientations as nio
 
-from ..errors import BadInputData
-from .imageio import Image
+from bids_app.core.imageio import Image
+from bids_app.errors import BadInputData
 
 #: a skull-stripped brain occupies this many litres (adult brain ~1.1-1.7 L; a head 3-5 L)
 BRAIN_VOLUME_LITRES = (0.6, 2.4)
@@ -356,7 +356,7 @@ def support_mask(image: Image) -> np.ndarray:
     """Brain mask of a skull-stripped image: its non-zero support, holes filled."""
     from scipy import ndimage
 
-    from .postprocess import label_components
+    from bids_app.core.postprocess import label_components
 
     mask = image.data != 0
     labels, n = label_components(mask, 6)

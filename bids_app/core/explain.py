@@ -37,7 +37,7 @@ a lesion gets the same noisy inputs whatever the crop, the batch or the device: 
 mode see identical noise and results do not depend on the batching.
 
 This module imports torch but not nnU-Net, never reads or writes files (see
-:mod:`bids_app.explain_store`) and never modifies its inputs.
+:mod:`bids_app.formats.saliency_store`) and never modifies its inputs.
 """
 
 from __future__ import annotations
@@ -1284,7 +1284,7 @@ def cam_batch(nets, x0, cls, masks, layers: dict, out_shape, formulations: dict 
 
 @dataclass
 class SaliencyStore:
-    """Per-lesion saliency crops on the input grid (what :mod:`bids_app.explain_store` saves).
+    """Per-lesion saliency crops on the input grid (what :mod:`bids_app.formats.saliency_store` saves).
 
     Attributes
     ----------

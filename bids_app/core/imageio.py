@@ -32,7 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import BadInputData, MissingInput, UsageError
+from bids_app.errors import BadInputData, MissingInput, UsageError
 
 #: largest plausible voxel side in mm (thick clinical slices reach ~6 mm; 20 mm is absurd)
 MAX_VOXEL_MM = 20.0

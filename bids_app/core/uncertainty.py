@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .postprocess import LesionSegmentation, _check_connectivity, lesion_geometry, segment_lesions
+from bids_app.core.postprocess import LesionSegmentation, _check_connectivity, lesion_geometry, segment_lesions
 
 #: voxel measures, in output order (§2.3)
 VOXEL_MEASURES: tuple[str, ...] = ("NC", "EoE", "ExE", "MI", "EPKL", "RMI")

@@ -38,9 +38,9 @@ class ConformInputs(SimpleInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from ..core import conform
-        from ..core.imageio import load_image, save_image
-        from ..derivatives import parse_bids_name
+        from bids_app.bids.derivatives import parse_bids_name
+        from bids_app.core import conform
+        from bids_app.core.imageio import load_image, save_image
 
         files = list(self.inputs.in_files)
         names = list(self.inputs.channel_names)
@@ -116,7 +116,7 @@ class ConformInputs(SimpleInterface):
         """QC of the inputs (flags, never errors): sheared or implausible geometry, negative
         intensities, and a FLAIR channel without FLAIR contrast (a heuristic, see
         :func:`bids_app.core.conform.modality_contrast_qc`). Adds the measures to ``qc``."""
-        from ..core import conform
+        from bids_app.core import conform
 
         flags: list[str] = []
         for image, name in zip(images, names):
@@ -173,9 +173,9 @@ class BrainMask(SimpleInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from ..core import conform
-        from ..core.imageio import load_image, save_image
-        from ..errors import MissingInput
+        from bids_app.core import conform
+        from bids_app.core.imageio import load_image, save_image
+        from bids_app.errors import MissingInput
 
         reference = load_image(self.inputs.reference_file)
         stripped, reason = conform.skull_stripped_support(reference)

@@ -1,4 +1,4 @@
-"""Nipype interfaces that write derivatives (:mod:`bids_app.derivatives`)."""
+"""Nipype interfaces that write derivatives (:mod:`bids_app.bids.derivatives`)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class SessionSummary(SimpleInterface):
     VOLATILE_KEYS = ("seconds_loading", "seconds_inference", "timing")
 
     def _run_interface(self, runtime):
-        from ..derivatives import dumps_json
+        from bids_app.bids.derivatives import dumps_json
 
         summary: dict = {"participant_id": self.inputs.participant_id}
         if self.inputs.session_id:
@@ -76,7 +76,7 @@ class SessionSummary(SimpleInterface):
 
 
 class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
-    records = traits.List(traits.Dict, mandatory=True, desc="derivative records (see bids_app.derivatives)")
+    records = traits.List(traits.Dict, mandatory=True, desc="derivative records (see bids_app.bids.derivatives)")
     output_dir = Directory(mandatory=True, desc="derivatives dataset root")
     bids_dir = Directory(exists=True, mandatory=True, desc="input BIDS dataset root")
     common_metadata = traits.Dict(desc="sidecar fields shared by every file (provenance)")
@@ -88,7 +88,7 @@ class _DerivativesSinkOutputSpec(TraitedSpec):
 
 
 class DerivativesSink(SimpleInterface):
-    """Write one session's derivatives, all or nothing (:func:`bids_app.derivatives.commit_records`)."""
+    """Write one session's derivatives, all or nothing (:func:`bids_app.bids.derivatives.commit_records`)."""
 
     input_spec = _DerivativesSinkInputSpec
     output_spec = _DerivativesSinkOutputSpec
@@ -96,7 +96,7 @@ class DerivativesSink(SimpleInterface):
     def _run_interface(self, runtime):
         from pathlib import Path
 
-        from ..derivatives import commit_records
+        from bids_app.bids.derivatives import commit_records
 
         written = commit_records(
             list(self.inputs.records), Path(self.inputs.output_dir), Path(self.inputs.bids_dir),

@@ -44,7 +44,7 @@ class _EvaluateSessionOutputSpec(TraitedSpec):
 
 class EvaluateSession(SimpleInterface):
     """Detection, voxel, calibration metrics and retention curves
-    (:func:`bids_app.core.evaluation.evaluate_session`)."""
+    (:func:`bids_app.core.metrics.evaluation.evaluate_session`)."""
 
     input_spec = _EvaluateSessionInputSpec
     output_spec = _EvaluateSessionOutputSpec
@@ -54,12 +54,12 @@ class EvaluateSession(SimpleInterface):
         import numpy as np
         import pandas as pd
 
-        from ..core.evaluation import evaluate_session
-        from ..core.imageio import load_image
-        from ..core.uncertainty import voxel_uncertainty
-        from ..derivatives import dumps_json
-        from ..errors import BadInputData
-        from ..lesion_table import read_tsv, write_fragment
+        from bids_app.bids.derivatives import dumps_json
+        from bids_app.core.imageio import load_image
+        from bids_app.core.metrics.evaluation import evaluate_session
+        from bids_app.core.uncertainty import voxel_uncertainty
+        from bids_app.errors import BadInputData
+        from bids_app.formats.lesion_table import read_tsv, write_fragment
 
         inst_img = nib.load(self.inputs.instances_file)
         instances = np.asarray(inst_img.dataobj).astype(np.int32)
@@ -118,7 +118,7 @@ class EvaluateSession(SimpleInterface):
             handle.write(dumps_json({"evaluation": metrics}))
         fragment = pd.DataFrame({"label": lesions["label"] if len(lesions) else pd.Series(dtype=int),
                                  "lesion_type": result.lesion_type, "iou_score": result.lesion_score})
-        from ..lesion_table import dictionary_for
+        from bids_app.formats.lesion_table import dictionary_for
 
         dictionary = dictionary_for(fragment)
         dictionary["iou_score"] = dict(dictionary["iou_score"], Method=self.inputs.method,
@@ -143,13 +143,13 @@ class _LesionTableOutputSpec(TraitedSpec):
 
 
 class LesionTable(SimpleInterface):
-    """Join the per-lesion fragments of all stages (:func:`bids_app.lesion_table.merge_fragments`)."""
+    """Join the per-lesion fragments of all stages (:func:`bids_app.formats.lesion_table.merge_fragments`)."""
 
     input_spec = _LesionTableInputSpec
     output_spec = _LesionTableOutputSpec
 
     def _run_interface(self, runtime):
-        from ..lesion_table import dictionary_for, merge_fragments, read_tsv, to_tsv
+        from bids_app.formats.lesion_table import dictionary_for, merge_fragments, read_tsv, to_tsv
 
         frames = [read_tsv(f) for f in self.inputs.fragments]
         extra: dict = {}

@@ -92,14 +92,14 @@ class ExplainLesions(SimpleInterface):
         import numpy as np
         import pandas as pd
 
-        from ..core.explain import ExplainConfig, explain_case, lesion_summaries, reorient_store, summary_maps
-        from ..core.imageio import save_image
-        from ..derivatives import dumps_json
-        from ..explain_store import save_store
-        from ..lesion_table import write_fragment
-        from ..models import resolve_input_orientation
-        from ..progress import ProgressLine
-        from .segment import load_ensemble, network_channels
+        from bids_app.app.progress import ProgressLine
+        from bids_app.bids.derivatives import dumps_json
+        from bids_app.core.explain import ExplainConfig, explain_case, lesion_summaries, reorient_store, summary_maps
+        from bids_app.core.imageio import save_image
+        from bids_app.formats.lesion_table import write_fragment
+        from bids_app.formats.saliency_store import save_store
+        from bids_app.interfaces.segment import load_ensemble, network_channels
+        from bids_app.model.models import resolve_input_orientation
 
         start = time.perf_counter()
         names = list(self.inputs.channel_names)
@@ -239,10 +239,10 @@ class RefineLesions(SimpleInterface):
         import numpy as np
         import pandas as pd
 
-        from ..core import saliency_radiomics as R
-        from ..derivatives import dumps_json
-        from ..explain_store import load_store
-        from ..lesion_table import write_fragment
+        from bids_app.bids.derivatives import dumps_json
+        from bids_app.core import saliency_radiomics as R
+        from bids_app.formats.lesion_table import write_fragment
+        from bids_app.formats.saliency_store import load_store
 
         store = load_store(self.inputs.store_file)
         inst_img = nib.load(self.inputs.instances_file)
@@ -330,8 +330,8 @@ class RefineLesions(SimpleInterface):
         """The refined class dseg and union mask: the dropped lesions removed."""
         import numpy as np
 
-        from ..core.imageio import save_image
-        from .postprocess import write_class_lut
+        from bids_app.core.imageio import save_image
+        from bids_app.interfaces.postprocess import write_class_lut
 
         lut = np.zeros(int(instances.max()) + 1, np.int16)
         lut[labels[keep]] = classes[keep]

@@ -1,4 +1,4 @@
-"""Nipype interface around :func:`bids_app.core.features.lesion_features` (+ location, meshes)."""
+"""Nipype interface around :func:`bids_app.core.lesions.features.lesion_features` (+ location, meshes)."""
 
 from __future__ import annotations
 
@@ -92,8 +92,9 @@ class _LesionFeaturesOutputSpec(TraitedSpec):
 
 class LesionFeatures(SimpleInterface):
     """Shape, intensity, cortical involvement, distances and MNI location of every lesion
-    (:func:`bids_app.core.location.register_to_template`, :func:`bids_app.core.features.lesion_features`,
-    :func:`bids_app.core.meshes.lesion_meshes`)."""
+    (:func:`bids_app.core.lesions.location.register_to_template`,
+    :func:`bids_app.core.lesions.features.lesion_features`,
+    :func:`bids_app.core.lesions.meshes.lesion_meshes`)."""
 
     input_spec = _LesionFeaturesInputSpec
     output_spec = _LesionFeaturesOutputSpec
@@ -105,11 +106,15 @@ class LesionFeatures(SimpleInterface):
         import numpy as np
         import pandas as pd
 
-        from ..core.features import FeatureOptions, feature_dictionary, lesion_features
-        from ..core.imageio import load_image
-        from ..core.location import register_to_template, warp_labels_to_subject, warp_probability_to_subject
-        from ..derivatives import dumps_json, parse_bids_name
-        from ..lesion_table import write_fragment
+        from bids_app.bids.derivatives import dumps_json, parse_bids_name
+        from bids_app.core.imageio import load_image
+        from bids_app.core.lesions.features import FeatureOptions, feature_dictionary, lesion_features
+        from bids_app.core.lesions.location import (
+            register_to_template,
+            warp_labels_to_subject,
+            warp_probability_to_subject,
+        )
+        from bids_app.formats.lesion_table import write_fragment
 
         inst_img = nib.load(self.inputs.instances_file)
         instances = np.asarray(inst_img.dataobj).astype(np.int32)
@@ -165,7 +170,7 @@ class LesionFeatures(SimpleInterface):
                                                   "(ITK convention, LPS)",
                                      "MattesMI": transform.metric}})
         if self.inputs.export_meshes and n:
-            from ..core.meshes import lesion_meshes, stl_bytes
+            from bids_app.core.lesions.meshes import lesion_meshes, stl_bytes
 
             for label, mesh in enumerate(lesion_meshes(instances, n, affine), start=1):
                 if mesh is None:

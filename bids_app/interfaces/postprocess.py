@@ -46,9 +46,9 @@ class PostProcess(SimpleInterface):
         import nibabel as nib
         import numpy as np
 
-        from ..core.imageio import save_image
-        from ..core.postprocess import lesion_geometry
-        from ..core.uncertainty import ensemble_segmentation
+        from bids_app.core.imageio import save_image
+        from bids_app.core.postprocess import lesion_geometry
+        from bids_app.core.uncertainty import ensemble_segmentation
 
         member_probs = np.load(self.inputs.member_probs_file, mmap_mode="r")
         affine = nib.load(self.inputs.reference_file).affine

@@ -54,9 +54,9 @@ class PredictLesions(SimpleInterface):
         import nibabel as nib
         import numpy as np
 
-        from ..core.conform import from_canonical
-        from ..models import model_provenance, resolve_input_orientation
-        from ..progress import ProgressLine
+        from bids_app.app.progress import ProgressLine
+        from bids_app.core.conform import from_canonical
+        from bids_app.model.models import model_provenance, resolve_input_orientation
 
         start = time.perf_counter()
         model, card, members, predictor = load_ensemble(
@@ -117,8 +117,8 @@ def load_ensemble(model_dir, card_file, folds, device, tta, num_threads):
     """
     from pathlib import Path
 
-    from ..core.segment import EnsemblePredictor, MemberInput, resolve_device
-    from ..models import load_members, resolve_model
+    from bids_app.core.segment import EnsemblePredictor, MemberInput, resolve_device
+    from bids_app.model.models import load_members, resolve_model
 
     # the one resolution rule of --model (card given, beside the model, or inferred)
     model = resolve_model(str(model_dir), card_path=Path(card_file) if card_file else None)
@@ -135,7 +135,7 @@ def load_ensemble(model_dir, card_file, folds, device, tta, num_threads):
 
 def network_channels(channels, affine, mask=None, orientation="ras"):
     """Input channels as the network takes them: zeroed outside ``mask`` (skull-stripped
-    models), in the voxel order the model expects (:func:`~bids_app.models.input_orientation_rule`).
+    models), in the voxel order the model expects (:func:`~bids_app.model.models.input_orientation_rule`).
 
     ``ras``: reoriented to RAS+, as nnU-Net's ``NibabelIOWithReorient`` reads a file.
     ``native``: the stored voxel order of the grid (the reference image's, after conforming),
@@ -161,8 +161,8 @@ def network_channels(channels, affine, mask=None, orientation="ras"):
     import numpy as np
     from nibabel import orientations as nio
 
-    from ..core.conform import to_canonical
-    from ..core.imageio import Image
+    from bids_app.core.conform import to_canonical
+    from bids_app.core.imageio import Image
 
     if orientation not in ("ras", "native"):
         raise ValueError(f"orientation must be 'ras' or 'native', not {orientation!r}")

@@ -56,10 +56,10 @@ class ComputeUncertainty(SimpleInterface):
         import nibabel as nib
         import numpy as np
 
-        from ..core.imageio import save_image
-        from ..core.postprocess import segmentation_from_maps
-        from ..core.uncertainty import compute_uncertainty, paint_lesions
-        from ..lesion_table import VOXEL_MEASURES, dictionary_for, write_fragment
+        from bids_app.core.imageio import save_image
+        from bids_app.core.postprocess import segmentation_from_maps
+        from bids_app.core.uncertainty import compute_uncertainty, paint_lesions
+        from bids_app.formats.lesion_table import VOXEL_MEASURES, dictionary_for, write_fragment
 
         probs = np.load(self.inputs.member_probs_file, mmap_mode="r")
         affine = nib.load(self.inputs.reference_file).affine
@@ -107,7 +107,7 @@ class ComputeUncertainty(SimpleInterface):
                             "derived_from": [{"key": "instance_dseg"}],
                             "metadata": {"Measure": measure, "NonFiniteValuesWrittenAs": 0.0, **params}})
         summary_file = os.path.abspath("uncertainty_summary.json")
-        from ..derivatives import dumps_json
+        from bids_app.bids.derivatives import dumps_json
 
         with open(summary_file, "w") as handle:
             handle.write(dumps_json({"uncertainty": result.patient, "uncertainty_parameters": result.parameters}))

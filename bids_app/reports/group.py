@@ -1,4 +1,4 @@
-"""The group HTML report (``OUTPUT_DIR/group/group_report.html``), from a :class:`~bids_app.group.GroupResult`.
+"""The group HTML report (``OUTPUT_DIR/group/group_report.html``), from a :class:`~bids_app.app.group.GroupResult`.
 
 Small cohorts are shown as they are: per-site values as strip plots (every session a point)
 when a site has fewer than :data:`SMALL_N` sessions, and a visible "descriptive only" caveat
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .html import STYLE, esc, table
+from bids_app.reports.html import STYLE, esc, table
 
 #: below this many subjects (or sessions), statistics are descriptive only
 SMALL_N = 10
@@ -43,7 +43,7 @@ def frequency_section(output_dir: Path, n_sessions: int) -> str:
     """The lesion-frequency map over the MNI template (else over its own projections), or ''."""
     import nibabel as nib
 
-    from . import figures
+    from bids_app.reports import figures
 
     path = Path(output_dir) / "group" / FREQUENCY_MAP
     if not path.is_file():
@@ -52,7 +52,7 @@ def frequency_section(output_dir: Path, n_sessions: int) -> str:
     frequency = np.asarray(img.dataobj, dtype=np.float32)
     template = None
     try:  # the cached template only: drawing a report never downloads anything
-        from ..templates import local_template_file
+        from bids_app.bids.templates import local_template_file
 
         cached = local_template_file(resolution=2, suffix="T1w")
         timg = nib.as_closest_canonical(nib.load(str(cached))) if cached is not None else None
@@ -70,9 +70,9 @@ def frequency_section(output_dir: Path, n_sessions: int) -> str:
 
 
 def write_group_report(output_dir: Path, result) -> Path:
-    from .. import __version__
-    from ..derivatives import atomic_write_text
-    from . import figures
+    from bids_app import __version__
+    from bids_app.bids.derivatives import atomic_write_text
+    from bids_app.reports import figures
 
     sessions, lesions = result.sessions, result.lesions
     n_sessions = len(sessions)

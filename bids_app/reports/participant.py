@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from .html import STYLE, esc, format_value, key_value_table, swatch_legend, table
+from bids_app.reports.html import STYLE, esc, format_value, key_value_table, swatch_legend, table
 
 LOGGER = logging.getLogger("bids_app.reports")
 
@@ -122,7 +122,7 @@ def _reference_mask(files: list[Path], shape: tuple[int, ...]) -> np.ndarray | N
 def _lesion_figure(anat: Path, prefix: str, output_dir: Path, images: dict, zooms, classes, instances, brain,
                    class_names: dict[int, str], table, summary: dict) -> tuple[list[str], dict, dict[int, str]]:
     """HTML of the three-plane lesion figure; the cuts; the outline colour of each lesion label."""
-    from . import figures
+    from bids_app.reports import figures
 
     parts: list[str] = []
     background_name = "FLAIR" if "FLAIR" in images else next(iter(images))
@@ -185,7 +185,7 @@ def session_section(anat: Path, output_dir: Path | None = None) -> tuple[str, di
     """HTML of one session and its summary (empty summary when the session has no outputs)."""
     import pandas as pd
 
-    from . import figures
+    from bids_app.reports import figures
 
     if output_dir is None:  # OUTPUT/sub-X/[ses-Y/]anat
         output_dir = anat.parents[2] if anat.parent.name.startswith("ses-") else anat.parents[1]
@@ -291,7 +291,7 @@ def session_section(anat: Path, output_dir: Path | None = None) -> tuple[str, di
 
 def _uncertain_lesions(anat: Path, prefix: str, lesion_table, images: dict, instances: np.ndarray, zooms,
                        summary: dict, label_colours: dict[int, str]) -> list[str]:
-    from . import figures
+    from bids_app.reports import figures
 
     voxel_mm3 = float(np.prod(zooms))
     min_voxels = summary.get("parameters", {}).get("MinLesionSizeVoxels") or 0
@@ -349,8 +349,8 @@ def provenance_section(provenance: dict) -> str:
 
 def build_participant_report(output_dir: Path, participant: str) -> Path | None:
     """Write ``OUTPUT_DIR/<participant>.html``; returns its path (None without outputs)."""
-    from .. import __version__
-    from ..derivatives import atomic_write_text
+    from bids_app import __version__
+    from bids_app.bids.derivatives import atomic_write_text
 
     output_dir = Path(output_dir)
     sections, summaries = [], []

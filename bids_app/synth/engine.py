@@ -32,20 +32,22 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..core.imageio import Image
-from ..core.postprocess import label_components
-from . import contrast as C
-from .anatomy import (
-    Deformation,
-    random_deformation,
-    random_pose,
-    reorient,
-    rigid_about,
-    warp_maps,
+from bids_app.core.imageio import Image
+from bids_app.core.postprocess import label_components
+from bids_app.synth import contrast as C
+from bids_app.synth.anatomy import Deformation, random_deformation, random_pose, reorient, rigid_about, warp_maps
+from bids_app.synth.lesions import (
+    CL,
+    WML,
+    Occupancy,
+    PlacedLesion,
+    paint_fraction,
+    sample_cl,
+    sample_lesion_count,
+    sample_wml,
 )
-from .lesions import CL, WML, Occupancy, PlacedLesion, paint_fraction, sample_cl, sample_lesion_count, sample_wml
-from .site import SiteParams, sample_site
-from .sources import LesionLibrary, TemplateSet, load_lesion_library, load_templates
+from bids_app.synth.site import SiteParams, sample_site
+from bids_app.synth.sources import LesionLibrary, TemplateSet, load_lesion_library, load_templates
 
 #: default mean number of WML / CL drawn per subject
 DEFAULT_WML_LOAD = 20.0

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from .anatomy import sample_points
-from .sources import LesionLibrary, TemplateSet
+from bids_app.synth.anatomy import sample_points
+from bids_app.synth.sources import LesionLibrary, TemplateSet
 
 WML = 1
 CL = 2

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import UsageError
+from bids_app.errors import UsageError
 
 #: documented sampling ranges (uniform unless stated). Keys are used in docs/synth.md.
 RANGES: dict[str, tuple[float, float]] = {

@@ -2,7 +2,7 @@
 
 * **Anatomy**: MNI ICBM152 2009c nonlinear asymmetric (``MNI152NLin2009cAsym``): the head
   T1w, the brain mask and the GM/WM/CSF probabilistic segmentations, at ``res-01`` (1 mm,
-  193x229x193) or ``res-02`` (2 mm, 97x115x97). Files come from :mod:`bids_app.templates`
+  193x229x193) or ``res-02`` (2 mm, 97x115x97). Files come from :mod:`bids_app.bids.templates`
   (the TemplateFlow cache, fetched once on first use unless offline), or from an explicit
   folder (``--templates DIR``), which is never completed from the network.
 * **Lesion shapes**: bundled with the package (``bids_app/data/lesion_masks``), the expert-consensus
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInputData, MissingInput, UsageError
-from ..templates import TEMPLATE_MAPS
+from bids_app import DATA_DIR
+from bids_app.bids.templates import TEMPLATE_MAPS
+from bids_app.errors import BadInputData, MissingInput, UsageError
 
 TEMPLATE = "MNI152NLin2009cAsym"
 #: template files needed at each native resolution: key -> TemplateFlow query entities
@@ -54,7 +55,7 @@ MNI2009C = (
 
 
 #: the lesion masks bundled with the package (CC-BY; README.md and LICENSE.txt beside them)
-BUNDLED_LESION_DIR = Path(__file__).resolve().parents[1] / "data" / "lesion_masks"
+BUNDLED_LESION_DIR = DATA_DIR / "lesion_masks"
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def resolve_template_files(resolution: int, templates_dir: str | os.PathLike | N
     templates_dir : path-like, optional
         A folder holding ``tpl-MNI152NLin2009cAsym/`` (a TemplateFlow home) or the files
         themselves. When given it wins and nothing is fetched; otherwise the files come from
-        :func:`bids_app.templates.template_file` (the TemplateFlow cache, fetched on first use
+        :func:`bids_app.bids.templates.template_file` (the TemplateFlow cache, fetched on first use
         unless offline).
 
     Returns
@@ -120,7 +121,7 @@ def resolve_template_files(resolution: int, templates_dir: str | os.PathLike | N
     MissingInput
         The files are not in ``templates_dir``, or not in the cache and cannot be fetched.
     """
-    from ..templates import template_file, template_filename
+    from bids_app.bids.templates import template_file, template_filename
 
     if templates_dir is None:
         return {key: template_file(TEMPLATE, resolution=resolution, **entities)
@@ -327,7 +328,7 @@ def build_lesion_library(
     LesionLibrary
         Lesions ordered by patient name, then component number.
     """
-    from ..core.postprocess import label_components
+    from bids_app.core.postprocess import label_components
 
     all_coords: list[np.ndarray] = []
     counts: list[int] = []

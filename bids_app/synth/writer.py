@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CannotCreateOutput, OutputIOError, UsageError
-from . import site as site_mod
-from .engine import DEFAULT_CL_LOAD, DEFAULT_WML_LOAD, SyntheticSubject, generate_sessions
-from .sources import (
+from bids_app.errors import CannotCreateOutput, OutputIOError, UsageError
+from bids_app.synth import site as site_mod
+from bids_app.synth.engine import DEFAULT_CL_LOAD, DEFAULT_WML_LOAD, SyntheticSubject, generate_sessions
+from bids_app.synth.sources import (
     DEFAULT_EXCLUDED_PATIENTS,
     LESJAK_2017,
     MNI2009C,
@@ -97,7 +97,7 @@ class _Out:
         self.text(rel, _json_text(obj))
 
     def nifti(self, rel: str, data: np.ndarray, affine: np.ndarray) -> None:
-        from ..core.imageio import save_image
+        from bids_app.core.imageio import save_image
 
         try:
             save_image(self.path(rel), data, affine)
@@ -337,7 +337,7 @@ def write_dataset(
     ------
     UsageError, CannotCreateOutput, OutputIOError, MissingInput, BadInputData
     """
-    from .. import __version__
+    from bids_app import __version__
 
     if int(n_subjects) < 1:
         raise UsageError(f"--n-subjects must be >= 1, got {n_subjects}.", hint="e.g. --n-subjects 3.")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import conform
-from ..core.imageio import Image, save_image
-from ..errors import BadInputData
+from bids_app.core import conform
+from bids_app.core.imageio import Image, save_image
+from bids_app.errors import BadInputData
 
 
 def conform_case(channels: Sequence[Image], reference_index: int = 0, labels: Image | None = None,

@@ -118,8 +118,8 @@ class RecipeConfig:
 # 1. data
 # --------------------------------------------------------------------------------------
 def _synth_case(job: dict) -> dict:
-    from ..synth import generate_subject, sample_site
-    from .dataset import conform_case, write_case
+    from bids_app.synth import generate_subject, sample_site
+    from bids_app.training.dataset import conform_case, write_case
 
     rng = np.random.default_rng(job["seed"])
     site = sample_site(int(rng.integers(2**31)), index=job["index"])
@@ -137,7 +137,7 @@ def _synth_case(job: dict) -> dict:
 
 
 def synthesize(cfg: RecipeConfig) -> dict[str, list[dict]]:
-    from .dataset import write_dataset_json
+    from bids_app.training.dataset import write_dataset_json
 
     raw = cfg.workdir / "nnUNet_raw" / cfg.dataset
     raw.mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def synthesize(cfg: RecipeConfig) -> dict[str, list[dict]]:
 # 2. plans
 # --------------------------------------------------------------------------------------
 def plan_and_preprocess(cfg: RecipeConfig) -> dict:
-    from .plans import reduce_plans
+    from bids_app.training.plans import reduce_plans
 
     cmd = [*_entry("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", "plan_and_preprocess_entry",
                    "nnUNetv2_plan_and_preprocess"), "-d", str(cfg.dataset_id),
@@ -230,8 +230,8 @@ def predict_cases(cfg: RecipeConfig, folds: list[str], cases: list[dict]):
     """Yield (case, member_probs (M, C, X, Y, Z), labels) for each case."""
     import torch
 
-    from ..core.segment import EnsemblePredictor, MemberInput
-    from ..models import load_checkpoint
+    from bids_app.core.segment import EnsemblePredictor, MemberInput
+    from bids_app.model.models import load_checkpoint
 
     trainer_dir = cfg.trainer_dir
     members = []
@@ -251,7 +251,7 @@ def predict_cases(cfg: RecipeConfig, folds: list[str], cases: list[dict]):
 
 
 def _scores(pred_classes: np.ndarray, ref_classes: np.ndarray, connectivity: int, t: float) -> dict:
-    from ..core.evaluation import dice, lesion_detection
+    from bids_app.core.metrics.evaluation import dice, lesion_detection
 
     det = lesion_detection(pred_classes > 0, ref_classes > 0, "iou_adj", t, connectivity)
     return {"F1": det["F1"], "precision": det["precision"], "recall": det["recall"], "DSC": dice(pred_classes > 0,
@@ -272,7 +272,7 @@ def _lesion_box(probs: np.ndarray, labels: np.ndarray, margin: int = 3) -> tuple
 
 
 def _member_dice(probs: np.ndarray, labels: np.ndarray, connectivity: int) -> list[float]:
-    from ..core.postprocess import segment_lesions
+    from bids_app.core.postprocess import segment_lesions
 
     out = []
     for m in range(probs.shape[0]):
@@ -283,7 +283,7 @@ def _member_dice(probs: np.ndarray, labels: np.ndarray, connectivity: int) -> li
 
 
 def _grid_f1(mean: np.ndarray, labels: np.ndarray, connectivity: int, t: float) -> dict:
-    from ..core.postprocess import segment_lesions
+    from bids_app.core.postprocess import segment_lesions
 
     return {(th, size): _scores(segment_lesions(mean, list(LABELS), th, size, connectivity).dseg, labels,
                                 connectivity, t)["F1"]
@@ -317,7 +317,7 @@ def check_and_tune(cfg: RecipeConfig, cases: dict, folds: list[str]) -> dict:
 
 
 def evaluate_test(cfg: RecipeConfig, cases: dict, folds: list[str], threshold: float, min_size: int) -> dict:
-    from ..core.postprocess import segment_lesions
+    from bids_app.core.postprocess import segment_lesions
 
     rows = []
     for _, probs, labels in predict_cases(cfg, folds, cases["test"]):
@@ -339,7 +339,7 @@ def package(cfg: RecipeConfig, kept: list[str], tuning: dict, test: dict, cases:
             hardware: dict) -> Path:
     import torch
 
-    from ..models import CARD_NAME, CARD_VERSION, load_checkpoint, pin_model_files, sha256_file
+    from bids_app.model.models import CARD_NAME, CARD_VERSION, load_checkpoint, pin_model_files, sha256_file
 
     src = cfg.trainer_dir
     dest = cfg.out_model / cfg.dataset / src.name

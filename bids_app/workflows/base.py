@@ -9,7 +9,7 @@ Workflow Graph (per session)::
 
 Nodes only wire: every computation lives in :mod:`bids_app.core` behind a thin interface.
 All derivatives of a session go through a single sink (``ds_session``) that writes them all
-or none (:func:`bids_app.derivatives.commit_records`), so a session that fails anywhere
+or none (:func:`bids_app.bids.derivatives.commit_records`), so a session that fails anywhere
 leaves nothing half-written, and a re-run with the same work directory resumes from the
 nodes that finished (Nipype's hashed cache).
 """
@@ -23,23 +23,23 @@ from typing import Any
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..discovery import SessionInputs
-from ..interfaces.conform import BrainMask, ConformInputs
-from ..interfaces.derivatives import DerivativesSink, SessionSummary
-from ..interfaces.evaluation import EvaluateSession, LesionTable
-from ..interfaces.explain import ExplainLesions, RefineLesions
-from ..interfaces.features import LesionFeatures
-from ..interfaces.postprocess import PostProcess
-from ..interfaces.segment import PredictLesions
-from ..interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS, ComputeUncertainty
-from ..progress import session_label
+from bids_app.app.progress import session_label
+from bids_app.bids.discovery import SessionInputs
+from bids_app.interfaces.conform import BrainMask, ConformInputs
+from bids_app.interfaces.derivatives import DerivativesSink, SessionSummary
+from bids_app.interfaces.evaluation import EvaluateSession, LesionTable
+from bids_app.interfaces.explain import ExplainLesions, RefineLesions
+from bids_app.interfaces.features import LesionFeatures
+from bids_app.interfaces.postprocess import PostProcess
+from bids_app.interfaces.segment import PredictLesions
+from bids_app.interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS, ComputeUncertainty
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
     """Everything the graph needs that was resolved before building it.
 
-    Built by :func:`bids_app.cli.run.resolve_settings` from the :class:`~bids_app.config.Config`
+    Built by :func:`bids_app.cli.run.resolve_settings` from the :class:`~bids_app.app.config.Config`
     and the model card; its :meth:`parameters` are what every sidecar records.
     """
 
@@ -69,7 +69,7 @@ class PipelineSettings:
     detection_method: str = "iou_adj"
     detection_threshold: float = 0.1
     ndsc_r: float = 0.001
-    #: session name -> bids_app.discovery.ReferenceMasks (evaluation on when present)
+    #: session name -> bids_app.bids.discovery.ReferenceMasks (evaluation on when present)
     references: dict[str, Any] = field(default_factory=dict)
     #: lesion features (None: not computed): template files for registration, GM/WM maps, atlas
     feature_templates: dict[str, Path] | None = None
@@ -116,7 +116,7 @@ class PipelineSettings:
         }
 
     def common_metadata(self) -> dict[str, Any]:
-        from ..provenance import provenance_block
+        from bids_app.bids.provenance import provenance_block
 
         return provenance_block(self.model_provenance, self.parameters())
 

@@ -115,7 +115,7 @@ def test_real_clinical_scans_coregistration_and_template_mask():
     # not skull-stripped -> template mask of plausible volume
     stripped, _ = conform.skull_stripped_support(t1)
     assert not stripped
-    from bids_app.templates import brain_mask_template
+    from bids_app.bids.templates import brain_mask_template
 
     tpl_t1, tpl_mask = brain_mask_template()
     mask, metric = conform.template_brain_mask(t1, load_image(tpl_t1), load_image(tpl_mask, check_values=False))

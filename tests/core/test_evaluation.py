@@ -1,4 +1,4 @@
-"""Tests of bids_app.core.evaluation: hand-computed cases, brute-force transcriptions of the
+"""Tests of bids_app.core.metrics.evaluation: hand-computed cases, brute-force transcriptions of the
 definitions, the Metrics Reloaded object-detection fixtures, panoptica as an oracle, purity."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bids_app.core import evaluation as E
+from bids_app.core.metrics import evaluation as E
 from bids_app.core.postprocess import label_components
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "metricsreloaded_object_detection"

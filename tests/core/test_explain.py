@@ -1,4 +1,4 @@
-"""Instance saliency (bids_app.core.explain) and its store (bids_app.explain_store)."""
+"""Instance saliency (bids_app.core.explain) and its store (bids_app.formats.saliency_store)."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _r(a, b):
 
 def _predictor(trainer_dir, folds=("0", "1", "2")):
     from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.models import load_members, resolve_model
+    from bids_app.model.models import load_members, resolve_model
 
     model = resolve_model(str(trainer_dir))
     members = load_members(model, list(folds))
@@ -375,7 +375,7 @@ def _hand_store():
 
 def test_store_round_trip(tmp_path):
     from bids_app.errors import BadInputData
-    from bids_app.explain_store import load_store, save_store
+    from bids_app.formats.saliency_store import load_store, save_store
 
     st, _ = _hand_store()
     path = save_store(tmp_path / "sub-01_desc-lesions_saliency.npz", st, affine=np.diag([1, 1, 1.5, 1]))

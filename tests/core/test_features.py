@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from bids_app.core import features as F
-from bids_app.core.location import LocationRules, TemplateTransform
+from bids_app.core.lesions import features as F
+from bids_app.core.lesions.location import LocationRules, TemplateTransform
 
 SHAPE = (40, 40, 30)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.core import location as L
 from bids_app.core.imageio import Image, load_image
+from bids_app.core.lesions import location as L
 from bids_app.errors import BadInputData
 from conftest import need_shared
 

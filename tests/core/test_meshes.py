@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from bids_app.core import meshes as M
+from bids_app.core.lesions import meshes as M
 
 
 def _oblique_affine(flip: bool) -> np.ndarray:

@@ -375,7 +375,7 @@ def test_functions_do_not_modify_inputs():
 
 def test_lesion_types_line_up_with_the_lesion_table():
     """Evaluation on the ensemble's own labels gives one type per table row (lesion retention)."""
-    from bids_app.core import evaluation as E
+    from bids_app.core.metrics import evaluation as E
 
     bench = _bench()
     probs, _ = bench.synthetic_ensemble((30, 34, 28), n_members=3, n_lesions=10, seed=5)

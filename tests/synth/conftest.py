@@ -104,7 +104,7 @@ def cli_dataset(tmp_path_factory, synth_templateflow_home, lesion_dir):
 
 
 def _run_validator(dataset: Path, tmp_path: Path) -> dict:
-    from bids_app.validation import validator_executable
+    from bids_app.bids.validation import validator_executable
 
     exe = validator_executable()  # a project dependency: its absence is a failure, not a skip
     home = tmp_path / "validator_home"
