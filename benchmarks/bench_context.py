@@ -41,14 +41,11 @@ except ImportError:  # run from a checkout without installing
 
 
 def synthetic_case(seed: int, shape=(48, 56, 48)):
-    """(2, X, Y, Z) image (zero outside an ellipsoidal brain) and labels, like tests/conftest.make_case."""
-    from bids_app.testing.tiny_model import _synthetic_case
+    """(2, X, Y, Z) image (zero outside an ellipsoidal brain), labels and 2 mm zooms (bids_app.testing.make_case)."""
+    from bids_app.testing import make_case
 
-    image, labels = _synthetic_case(np.random.default_rng(seed), shape)
-    image = (image - image.min()) * 100.0
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    brain = (grid ** 2).sum(0) <= 0.95
-    return (image * brain).astype(np.float32), (labels * brain).astype(np.uint8), (2.0, 2.0, 2.0)
+    image, labels = make_case(seed, shape)
+    return image, labels, (2.0, 2.0, 2.0)
 
 
 def bids_cases(root: Path, channel_names: list[str]):

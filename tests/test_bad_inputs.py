@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import make_bids, run_cli, write_nifti
+from bids_app.testing import make_bids, run_cli, write_nifti
 
 
 def _anat(bids: Path, sub: str) -> Path:

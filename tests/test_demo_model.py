@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, need_shared, run_cli
+from bids_app.testing import need_shared, run_cli, shared_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = shared_data_dir()
 
 
 def test_card_checksums_and_contents():

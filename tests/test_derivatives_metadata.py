@@ -20,7 +20,7 @@ from bids_app.bids.derivatives import (
     write_dataset_files,
 )
 from bids_app.bids.validation import ValidationResult, parse_report, require_valid, validate
-from conftest import make_bids, need_shared, run_cli
+from bids_app.testing import make_bids, need_shared, run_cli
 
 #: validator codes that say a TSV column lacks (or contradicts) its definition
 COLUMN_CODES = {"TSV_ADDITIONAL_COLUMNS_UNDEFINED", "TSV_COLUMN_TYPE_REDEFINED", "TSV_COLUMN_MISSING"}

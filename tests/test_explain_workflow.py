@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from bids_app.bids.validation import validate
-from conftest import make_bids, run_cli
+from bids_app.testing import make_bids, run_cli
 
 ANAT = "sub-01/anat"
 

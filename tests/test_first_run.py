@@ -13,13 +13,17 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from bids_app.app.progress import ProgressLine, format_duration
 from bids_app.cli.parser import build_parser
 from bids_app.errors import MissingInput
-from conftest import REPO, SHARED, make_bids, run_cli
+from bids_app.testing import make_bids, run_cli, shared_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = shared_data_dir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +125,7 @@ def test_predictor_reports_every_tile_of_every_member(tiny_model):
 
     from bids_app.core.segment import EnsemblePredictor, MemberInput
     from bids_app.model.models import load_members, resolve_model
-    from conftest import make_case
+    from bids_app.testing import make_case
 
     model = resolve_model(str(tiny_model))
     members = load_members(model, list(model.card.members))

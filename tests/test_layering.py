@@ -5,7 +5,11 @@ layers, and the pure core does no file I/O.
   ``bids_app.errors``, ``bids_app.model.safety`` and other core modules); only
   ``core/imageio.py`` reads or writes files.
 * ``bids_app.interfaces`` imports no workflows and no CLI.
-* nothing imports ``bids_app.cli`` except the CLI itself and the entry points.
+* nothing imports ``bids_app.cli`` except the CLI itself, the entry points and the test harness
+  (``bids_app.testing.run_cli``).
+* ``bids_app.synth`` and ``bids_app.training`` (data generation, model training) are reached only
+  from the ``msxplain-tools`` subcommands and the test harness, never from the BIDS App's run.
+* nothing in the app imports ``bids_app.testing``.
 """
 
 from __future__ import annotations
@@ -87,9 +91,27 @@ def test_interfaces_import_no_workflow_and_no_cli(name):
     assert not bad, f"{name} imports {bad}"
 
 
-@pytest.mark.parametrize("name", [n for n in MODULES if not n.startswith("bids_app.cli") and n != "bids_app.__main__"])
+def _outside(name: str, *packages: str) -> bool:
+    return not any(name == p or name.startswith(p + ".") for p in packages)
+
+
+@pytest.mark.parametrize("name", [n for n in MODULES if _outside(n, "bids_app.cli", "bids_app.__main__",
+                                                                    "bids_app.testing")])
 def test_nothing_imports_the_cli(name):
     bad = sorted(m for m in _imports(name, MODULES[name]) if m.startswith("bids_app.cli"))
+    assert not bad, f"{name} imports {bad}"
+
+
+@pytest.mark.parametrize("name", [n for n in MODULES if _outside(n, "bids_app.cli.tools", "bids_app.synth",
+                                                                    "bids_app.training", "bids_app.testing")])
+def test_synth_and_training_only_from_the_tools(name):
+    bad = sorted(m for m in _imports(name, MODULES[name]) if m.startswith(("bids_app.synth", "bids_app.training")))
+    assert not bad, f"{name} imports {bad}: generation and training are msxplain-tools subcommands"
+
+
+@pytest.mark.parametrize("name", [n for n in MODULES if _outside(n, "bids_app.testing")])
+def test_the_app_never_imports_the_test_harness(name):
+    bad = sorted(m for m in _imports(name, MODULES[name]) if m.startswith("bids_app.testing"))
     assert not bad, f"{name} imports {bad}"
 
 

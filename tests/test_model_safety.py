@@ -30,7 +30,7 @@ from bids_app.model.models import (
     verify_members,
 )
 from bids_app.model.safety import LAYER_CLASSES, NETWORK_CLASSES, check_dataset_json, check_plans, import_allowed
-from conftest import make_bids, run_cli
+from bids_app.testing import make_bids, run_cli
 
 CONFIG = "3d_fullres"
 

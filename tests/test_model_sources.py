@@ -24,7 +24,7 @@ import pytest
 
 from bids_app.cli.tools import main as tools_main
 from bids_app.errors import BadInputData, MissingInput, TemporaryFailure, UsageError
-from conftest import make_bids, run_cli
+from bids_app.testing import make_bids, run_cli
 
 
 class _Unpickled:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bids_app.cli.parser import build_parser, parse_memory_gb
-from conftest import run_cli
+from bids_app.testing import run_cli
 
 MIN = ["/data", "/out", "participant"]
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_bids, run_cli
+from bids_app.testing import make_bids, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def digests(out: Path) -> dict[str, str]:

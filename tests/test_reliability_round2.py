@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_bids, run_cli, write_nifti
+from bids_app.testing import make_bids, run_cli, write_nifti
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(bids, out, work, model, *extra) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 from bids_app.core import imageio
 from bids_app.core.imageio import load_image
 from bids_app.errors import BadInputData, UsageError
-from conftest import write_nifti
+from bids_app.testing import write_nifti
 
 
 def _header(shape, dtype) -> nib.Nifti1Header:

@@ -11,7 +11,7 @@ import torch
 from bids_app.core.segment import EnsemblePredictor, MemberInput, build_network, resolve_device
 from bids_app.errors import BadInputData, UsageError
 from bids_app.model.models import load_members, resolve_model, select_members
-from conftest import make_case
+from bids_app.testing import make_case
 
 
 def _predictor(trainer_dir, folds, tta=True):

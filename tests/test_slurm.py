@@ -8,7 +8,7 @@ import pytest
 from slurm_cluster import slurm_cluster
 
 from bids_app.bids.validation import validate
-from conftest import make_bids, run_cli
+from bids_app.testing import make_bids, run_cli
 
 
 @pytest.fixture(scope="module")

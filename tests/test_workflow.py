@@ -12,7 +12,9 @@ import pytest
 
 from bids_app.bids.derivatives import io_spec, parse_bids_name
 from bids_app.bids.validation import validate
-from conftest import REPO, make_bids, run_cli
+from bids_app.testing import make_bids, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED = REPO / "tests" / "data" / "expected_outputs.txt"
 

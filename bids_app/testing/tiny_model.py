@@ -22,11 +22,6 @@ TINY_DATASET = "Dataset990_MsxplainTiny"
 TINY_TRAINER_DIR = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
-def _synthetic_case(rng: np.random.Generator, shape=(32, 32, 32)) -> tuple[np.ndarray, np.ndarray]:
-    """(2, X, Y, Z) float32 image and (X, Y, Z) uint8 labels with a few blobs."""
-    return blob_case(rng, shape)
-
-
 def blob_case(rng: np.random.Generator, shape=(32, 32, 32), n_big=(1, 4), n_small=(0, 3), r_big=(2.0, 4.0),
               r_small=(1.2, 2.0)) -> tuple[np.ndarray, np.ndarray]:
     """Two-channel T1w/FLAIR-like blobs (the tiny model's training data), any shape.
@@ -69,7 +64,7 @@ def _train_member(plans: dict, seed: int, iterations: int, n_classes: int) -> di
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     weights = torch.tensor([1.0, 3.0, 6.0][:n_classes])
     for _ in range(iterations):
-        xs, ys = zip(*(_synthetic_case(rng) for _ in range(2)))
+        xs, ys = zip(*(blob_case(rng) for _ in range(2)))
         x = torch.from_numpy(np.stack(xs))
         y = torch.from_numpy(np.stack(ys).astype(np.int64))
         loss = torch.nn.functional.cross_entropy(net(x), y, weight=weights)

@@ -8,7 +8,7 @@ import pytest
 from bids_app.core import conform
 from bids_app.core.imageio import Image, load_image
 from bids_app.errors import BadInputData
-from conftest import make_case, need_shared
+from bids_app.testing import make_case, need_shared
 
 
 @pytest.mark.parametrize("codes", ["LAS", "PSL", "RAS", "IPR"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bids_app.core import explain as E
-from conftest import make_case
+from bids_app.testing import make_case
 
 torch.set_num_threads(2)
 

@@ -10,7 +10,7 @@ import pytest
 
 from bids_app.core.imageio import from_nnunet_order, load_image, save_image, to_nnunet_order
 from bids_app.errors import BadInputData, MissingInput
-from conftest import write_nifti
+from bids_app.testing import write_nifti
 
 
 def asymmetric_phantom(shape=(7, 9, 11)):

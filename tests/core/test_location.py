@@ -9,7 +9,7 @@ import pytest
 from bids_app.core.imageio import Image, load_image
 from bids_app.core.lesions import location as L
 from bids_app.errors import BadInputData
-from conftest import need_shared
+from bids_app.testing import need_shared
 
 TPL = ("templateflow", "tpl-MNI152NLin2009cAsym")
 
