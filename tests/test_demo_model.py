@@ -36,7 +36,7 @@ def test_card_checksums_and_contents():
 def test_bundled_refiner_is_verified_and_sets_the_explain_defaults():
     from types import SimpleNamespace
 
-    from bids_app.cli.run import explain_parameters
+    from bids_app.app.plan import explain_config
     from bids_app.core.saliency_radiomics import N_FEATURES, check_refiner
     from bids_app.model.models import model_refiner, resolve_model
 
@@ -46,8 +46,8 @@ def test_bundled_refiner_is_verified_and_sets_the_explain_defaults():
     assert len(refiner["feature_names"]) == N_FEATURES and any(refiner["coef"])
     trained = refiner["explain_config"]
     user = SimpleNamespace(explain_samples=None, explain_noise=None, explain_margin=None, explain_max_lesions=0)
-    params = explain_parameters(user, refiner)
-    assert params["n_samples"] == trained["n_samples"] and params["margin_mm"] == trained["margin_mm"]
+    params = explain_config(user, refiner)
+    assert params.n_samples == trained["n_samples"] and params.margin_mm == trained["margin_mm"]
     assert model.card.raw["refiner"]["performance"]["synthetic_test"]["after"]["F1"] > 0
 
 

@@ -214,8 +214,9 @@ def test_explanations_land_on_the_stored_voxels(models, tmp_path):
         node = ExplainLesions(channels_file=str(channels), channel_names=["FLAIR"], mask_file=str(mask),
                               instances_file=str(inst_file), lesions_file=str(work / "lesions.json"),
                               model_dir=str(models["SimpleITKIO"]), folds=["0"], device="cpu", num_threads=2,
-                              skull_strip=False, input_orientation=mode, n_samples=2, max_groups=2,
-                              margin_mm=4.0, sources=[str(channels)])
+                              skull_strip=False, input_orientation=mode,
+                              explain_config={"n_samples": 2, "max_groups": 2, "margin_mm": 4.0},
+                              sources=[str(channels)])
         result = node.run(cwd=str(work))
         maps[name, mode] = {Path(r["file"]).name: np.asarray(nib.load(r["file"]).dataobj)
                             for r in result.outputs.derivatives if r["key"] == "saliency"}
@@ -315,7 +316,7 @@ def test_sidecar_parameters_record_the_orientation(tmp_path):
 
     settings = PipelineSettings(
         bids_dir=tmp_path, output_dir=tmp_path, trainer_dir=tmp_path, card_file=tmp_path / "card.json",
-        label_indices=(1,), label_names=("WML",), reference_channel=0, skull_strip=True, folds=("0",),
+        label_indices=(1,), label_names=("WML",), reference_channel=0, skull_stripped_input=True, folds=("0",),
         device="cpu", tta=False, threshold=0.5, min_lesion_size=3, connectivity=18,
         save_member_probabilities=False, omp_nthreads=1,
         network_orientation=("native", "plans.json image_reader_writer SimpleITKIO"))

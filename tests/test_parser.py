@@ -119,16 +119,16 @@ def test_explanation_options_out_of_range_are_usage_errors(bad):
     assert run_cli(["/d", "/o", "participant", *bad]) == 64
 
 
-def test_explain_parameters_follow_the_refiner_unless_given():
+def test_explain_config_follows_the_refiner_unless_given():
     from types import SimpleNamespace
 
-    from bids_app.cli.run import explain_parameters
+    from bids_app.app.plan import explain_config
+    from bids_app.core.explain import ExplainConfig
 
     trained = {"explain_config": {"n_samples": 8, "noise_level": 0.1, "margin_mm": 10.0, "max_groups": 4}}
     user = SimpleNamespace(explain_samples=None, explain_noise=None, explain_margin=None, explain_max_lesions=0)
-    assert explain_parameters(user, trained) == {"n_samples": 8, "noise_level": 0.1, "margin_mm": 10.0,
-                                                 "max_groups": 4, "max_lesions": 0}
-    assert explain_parameters(user, None) == {"n_samples": 50, "noise_level": 0.05, "margin_mm": -1.0,
-                                              "max_groups": 8, "max_lesions": 0}
+    assert explain_config(user, trained) == ExplainConfig(n_samples=8, noise_level=0.1, margin_mm=10.0,
+                                                          max_groups=4)
+    assert explain_config(user, None) == ExplainConfig()  # margin_mm None: measured
     user.explain_samples = 20
-    assert explain_parameters(user, trained)["n_samples"] == 20
+    assert explain_config(user, trained).n_samples == 20

@@ -156,7 +156,7 @@ def test_a_worker_failing_outside_its_node_is_a_failed_node_not_a_hang():
     thread); ours reports it to Nipype's loop as a failed node."""
     from concurrent.futures import Future
 
-    from bids_app.cli.shutdown import MultiProcPlugin
+    from bids_app.app.execution import MultiProcPlugin
 
     plugin = MultiProcPlugin.__new__(MultiProcPlugin)
     plugin._taskresult, plugin._task_obj = {}, {}
@@ -277,7 +277,7 @@ def test_a_session_whose_outputs_were_never_written_fails_the_run(dataset, tiny_
 
 
 def test_squeue_failing_ends_the_wait_with_a_clear_error(monkeypatch):
-    from bids_app.cli import run
+    from bids_app.app.execution import wait_for_slurm_jobs
     from bids_app.errors import TemporaryFailure
 
     def failing(*args, **kwargs):
@@ -288,10 +288,7 @@ def test_squeue_failing_ends_the_wait_with_a_clear_error(monkeypatch):
 
     def wait():
         try:
-            run._wait_for_slurm_jobs({"predict"}, poll=0.01, **({"query_timeout": 0.5}
-                                                                  if "query_timeout" in
-                                                                  run._wait_for_slurm_jobs.__code__.co_varnames
-                                                                  else {}))
+            wait_for_slurm_jobs({"predict"}, poll=0.01, query_timeout=0.5)
             outcome["returned"] = True
         except BaseException as exc:  # noqa: BLE001
             outcome["error"] = exc

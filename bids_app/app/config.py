@@ -99,14 +99,17 @@ class Config:
     resources: ResourceConfig
     outputs: OutputConfig = field(default_factory=OutputConfig)
     verbosity: int = 0
+    #: the command line of the run (without the program name); recorded beside the configuration
+    #: as the run record's ``argv`` (``msxplain-tools rerun`` repeats it), not in :meth:`to_dict`
+    argv: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> Config:
+    def from_args(cls, ns: argparse.Namespace, argv: list[str] | tuple[str, ...] = ()) -> Config:
         """Build and cross-check the configuration (the checks fMRIPrep's parser does).
 
-        ``ns`` is what :func:`bids_app.cli.parser.parse_args` returns: every option is set there,
-        and the parser's defaults are the only defaults of a command-line run.
+        ``ns`` is what :func:`bids_app.cli.parser.parse_args` returns for ``argv``: every option
+        is set there, and the parser's defaults are the only defaults of a command-line run.
 
         Raises
         ------
@@ -206,7 +209,7 @@ class Config:
             raise UsageError("--refine needs a refiner, but --refiner none was given.",
                              hint="drop --refiner none, or pass --refiner FILE (msxplain-tools train-refiner).")
         return cls(execution=execution, model=model, postprocess=post, resources=resources, outputs=outputs,
-                   verbosity=int(ns.verbose or 0))
+                   verbosity=int(ns.verbose or 0), argv=tuple(argv))
 
     # ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,7 +226,7 @@ class Config:
                 return {k: convert(v) for k, v in obj.items()}
             return obj
 
-        return convert(self)
+        return {k: v for k, v in convert(self).items() if k != "argv"}  # the record keeps argv beside it
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -127,6 +127,61 @@ def stop_run_log(handler: logging.Handler) -> None:
     handler.close()
 
 
+class LogBuffer:
+    """Holds the run's log records in memory until :meth:`start_file` names the run log.
+
+    Every message of a run is kept until its log file's place is known: the output folder
+    must stay untouched when the run fails before processing.
+    """
+
+    def __init__(self):
+        import logging.handlers
+
+        # records are formatted by the file they are replayed into
+        self.memory = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self.memory.setLevel(logging.DEBUG)
+        logging.getLogger().addHandler(self.memory)
+        self.file_handler = None
+        self.path: Path | None = None
+
+    def start_file(self, path: Path, verbosity: int) -> None:
+        """From now on the run's messages (and its workers') go to ``path``; the buffered ones first."""
+        self.file_handler = start_run_log(path, verbosity)
+        self.path = path
+        self._replay(self.file_handler)
+        self._drop_memory()
+
+    def write_to(self, path: Path) -> None:
+        """Write the buffered messages to ``path`` (a run that never started its file)."""
+        if self.memory is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            logging.getLogger("bids_app").warning("Could not write the log %s (%s)", path, exc.strerror)
+            return
+        handler = file_handler(path, verbosity=0)
+        self._replay(handler)
+        handler.close()
+
+    def _replay(self, handler: logging.Handler) -> None:
+        for record in self.memory.buffer:
+            if record.levelno >= handler.level:  # Handler.handle does not look at its own level
+                handler.handle(record)
+
+    def _drop_memory(self) -> None:
+        if self.memory is not None:
+            logging.getLogger().removeHandler(self.memory)
+            self.memory.buffer.clear()
+            self.memory = None
+
+    def close(self) -> None:
+        self._drop_memory()
+        if self.file_handler is not None:
+            stop_run_log(self.file_handler)
+            self.file_handler = None
+
+
 def configure_worker_from_environment() -> None:
     """Loggers of a Nipype worker process (called by :mod:`bids_app.app.worker_logging`).
 

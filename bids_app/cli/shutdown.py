@@ -1,4 +1,4 @@
-"""Ending a run cleanly: signals, the process tree of the run, and a MultiProc plugin that never hangs.
+"""Ending a run cleanly: signals and the process tree of the run.
 
 Nipype's MultiProc runs nodes in a :class:`~concurrent.futures.ProcessPoolExecutor` whose
 ``forkserver`` context adds two processes beside the workers (the fork server and
@@ -7,11 +7,8 @@ worker finishes its node, however long it takes), so on SIGTERM or SIGINT
 :func:`terminate_on_signals` ends every descendant of the main process before the run
 returns (exit code 128 + signal number).
 
-:class:`MultiProcPlugin` fixes the other way a run could wait forever: when a worker's task
-ends with an exception outside the node (its result cannot be read back, e.g. a full work
-disk, or the worker was killed), Nipype's done-callback raises in the executor's thread, the
-task is never marked finished, and the main loop polls for ever. Here such a task counts as a
-failed node.
+:class:`bids_app.app.execution.MultiProcPlugin` fixes the other way a run could wait forever
+(a worker's task that ends with an exception outside its node).
 """
 
 from __future__ import annotations
@@ -21,8 +18,6 @@ import os
 import signal
 import threading
 import time
-
-from nipype.pipeline.plugins.multiproc import MultiProcPlugin as _NipypeMultiProc
 
 
 class RunInterrupted(BaseException):
@@ -171,36 +166,3 @@ def terminate_on_signals(signals=(signal.SIGTERM, signal.SIGINT)):
     finally:
         for s, old in previous.items():
             signal.signal(s, old)
-
-
-class MultiProcPlugin(_NipypeMultiProc):
-    """Nipype's MultiProc plugin where a task that ends with an exception is a failed node, never a hang.
-
-    The class keeps Nipype's name (the workflow names its plugin after the class, and MapNodes
-    look that name up in Nipype's plugins).
-    """
-
-    def _async_callback(self, args):
-        if args.cancelled() or args.exception() is not None:
-            return  # _get_result reads the exception from the future (Nipype's callback raised here)
-        result = args.result()
-        self._taskresult[result["taskid"]] = result
-
-    def _get_result(self, taskid):
-        result = self._taskresult.get(taskid)
-        if result is None:
-            future = self._task_obj.get(taskid)
-            if future is not None and future.done():
-                error = future.exception() if not future.cancelled() else RuntimeError("cancelled")
-                if error is not None:
-                    # Nipype's loop turns an exception from here into a failed node (crash file, error list)
-                    raise RuntimeError(f"the worker running this node failed: {type(error).__name__}: "
-                                       f"{error}") from error
-        return result
-
-    def _report_crash(self, node, result=None):
-        # Nipype's loop hands a failed task's traceback over as one string, and its report_crash
-        # appends a list to it when the node's result file is missing (a full work disk): TypeError
-        if result is not None and isinstance(result.get("traceback"), str):
-            result = dict(result, traceback=result["traceback"].splitlines(keepends=True))
-        return super()._report_crash(node, result=result)

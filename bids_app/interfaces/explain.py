@@ -57,12 +57,10 @@ class _ExplainLesionsInputSpec(BaseInterfaceInputSpec):
     skull_strip = traits.Bool(True, usedefault=True, desc="zero the inputs outside the brain mask (model card)")
     input_orientation = traits.Enum("auto", "native", "ras", usedefault=True,
                                     desc="voxel order the network sees (as PredictLesions)")
-    n_samples = traits.Int(50, usedefault=True, desc="SmoothGrad noise samples")
-    noise_level = traits.Float(0.05, usedefault=True, desc="SmoothGrad sigma / (max - min) of the input")
-    max_groups = traits.Int(8, usedefault=True, desc="voxel groups of the max aggregation")
-    margin_mm = traits.Float(-1.0, usedefault=True, desc="context around each lesion in mm (< 0: measured ERF)")
+    explain_config = traits.Dict(traits.Str, traits.Any, usedefault=True,
+                                 desc="fields of bids_app.core.explain.ExplainConfig (n_samples, noise_level, "
+                                 "margin_mm, max_groups, seed, ...); absent ones take its defaults")
     max_lesions = traits.Int(0, usedefault=True, desc="explain the largest N lesions only (0: all)")
-    seed = traits.Int(0, usedefault=True, desc="noise seed")
     sources = traits.List(traits.Str, mandatory=True, desc="raw inputs (provenance)")
 
 
@@ -126,9 +124,7 @@ class ExplainLesions(SimpleInterface):
         if self.inputs.max_lesions and len(labels_all) > self.inputs.max_lesions:
             order = np.lexsort((labels_all, -n_voxels))  # largest first, ties by label
             selected = np.sort(labels_all[order[: self.inputs.max_lesions]])
-        config = ExplainConfig(n_samples=self.inputs.n_samples, noise_level=self.inputs.noise_level,
-                               max_groups=self.inputs.max_groups, seed=self.inputs.seed,
-                               margin_mm=self.inputs.margin_mm if self.inputs.margin_mm > 0 else None)
+        config = ExplainConfig(**self.inputs.explain_config)
         class_of_label = np.zeros(int(labels_all.max()) if len(labels_all) else 0, np.int32)
         class_of_label[labels_all - 1] = classes
         line = ProgressLine(self.inputs.progress_label or "session", "explain")

@@ -16,6 +16,7 @@ nodes that finished (Nipype's hashed cache).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from nipype.pipeline import engine as pe
 
 from bids_app.app.progress import session_label
 from bids_app.bids.discovery import SessionInputs
+from bids_app.core.explain import ExplainConfig
 from bids_app.interfaces.conform import BrainMask, ConformInputs
 from bids_app.interfaces.derivatives import DerivativesSink, SessionSummary
 from bids_app.interfaces.evaluation import EvaluateSession, LesionTable
@@ -39,8 +41,9 @@ from bids_app.interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_M
 class PipelineSettings:
     """Everything the graph needs that was resolved before building it.
 
-    Built by :func:`bids_app.cli.run.resolve_settings` from the :class:`~bids_app.app.config.Config`
-    and the model card; its :meth:`parameters` are what every sidecar records.
+    Built once by :func:`bids_app.app.plan.resolve_settings` from the
+    :class:`~bids_app.app.config.Config` and the model card; its :meth:`parameters` are what
+    every sidecar records.
     """
 
     bids_dir: Path
@@ -50,7 +53,8 @@ class PipelineSettings:
     label_indices: tuple[int, ...]
     label_names: tuple[str, ...]
     reference_channel: int
-    skull_strip: bool
+    #: the model card's ``skull_stripped_input``: the network sees the inputs zeroed outside the brain mask
+    skull_stripped_input: bool
     folds: tuple[str, ...]
     device: str
     tta: bool
@@ -75,9 +79,10 @@ class PipelineSettings:
     feature_templates: dict[str, Path] | None = None
     export_meshes: bool = False
     gpu_sbatch_args: str = "--gres=gpu:1"
-    #: instance explanations (None: off): ExplainLesions inputs (n_samples, noise_level, margin_mm,
-    #: max_groups, max_lesions; see cli.run.explain_parameters)
-    explain: dict[str, Any] | None = None
+    #: instance explanations (None: off): the ExplainLesions parameters (bids_app.app.plan.explain_config)
+    explain: ExplainConfig | None = None
+    #: explain only the N largest lesions of a session (0: all)
+    explain_max_lesions: int = 0
     #: saliency refiner JSON (p_true_lesion), and whether/at which threshold to refine
     refiner_file: Path | None = None
     refine: bool = False
@@ -92,10 +97,10 @@ class PipelineSettings:
         explain = {}
         if self.explain is not None:
             explain = {"Explanations": {
-                "SmoothGradSamples": self.explain["n_samples"], "SmoothGradNoiseLevel": self.explain["noise_level"],
-                "MaxAggregationGroups": self.explain["max_groups"],
-                "ContextMarginMM": self.explain["margin_mm"] if self.explain["margin_mm"] > 0 else "measured",
-                "MaxLesions": self.explain["max_lesions"] or None,
+                "SmoothGradSamples": self.explain.n_samples, "SmoothGradNoiseLevel": self.explain.noise_level,
+                "MaxAggregationGroups": self.explain.max_groups,
+                "ContextMarginMM": self.explain.margin_mm if self.explain.margin_mm is not None else "measured",
+                "MaxLesions": self.explain_max_lesions or None,
                 "Refiner": self.refiner_file.name if self.refiner_file else None,
                 "Refine": self.refine, "RefineThreshold": self.refine_threshold}}
         return explain | {
@@ -106,7 +111,7 @@ class PipelineSettings:
             "Members": list(self.folds),
             "TestTimeAugmentation": self.tta,
             "Device": self.device,
-            "SkullStripForNetwork": self.skull_strip,
+            "SkullStripForNetwork": self.skull_stripped_input,
             **({"NetworkInputOrientation": self.network_orientation[0],
                 "NetworkInputOrientationSource": self.network_orientation[1]} if self.network_orientation else {}),
             "MemberThresholds": list(self.member_thresholds) or None,
@@ -167,7 +172,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=str(settings.card_file),
                                      folds=list(settings.folds), device=settings.device, tta=settings.tta,
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
-                                     skull_strip=settings.skull_strip,
+                                     skull_strip=settings.skull_stripped_input,
                                      input_orientation=settings.input_orientation),
                       name="predict", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
     predict.inputs.progress_label = session_label(session.name)
@@ -212,7 +217,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         tpl = settings.feature_templates
         features = pe.Node(LesionFeatures(
             channel_names=[f.channel for f in session.files], template_t1w=str(tpl["t1w"]),
-            template_mask=str(tpl["mask"]), template_gm=str(tpl["gm"]), skull_stripped=settings.skull_strip,
+            template_mask=str(tpl["mask"]), template_gm=str(tpl["gm"]), skull_stripped=settings.skull_stripped_input,
             export_meshes=settings.export_meshes, sources=sources), name="features", mem_gb=3.0)
         if tpl.get("wm"):
             features.inputs.template_wm = str(tpl["wm"])
@@ -233,8 +238,9 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         explain = pe.Node(ExplainLesions(
             channel_names=[f.channel for f in session.files], model_dir=str(settings.trainer_dir),
             card_file=str(settings.card_file), folds=list(settings.folds), device=settings.device,
-            num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_strip=settings.skull_strip,
-            input_orientation=settings.input_orientation, sources=sources, **settings.explain),
+            num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_strip=settings.skull_stripped_input,
+            input_orientation=settings.input_orientation, sources=sources,
+            explain_config=dataclasses.asdict(settings.explain), max_lesions=settings.explain_max_lesions),
             name="explain", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
         explain.inputs.progress_label = session_label(session.name)
         if use_gpu:

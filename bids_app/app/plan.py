@@ -1,0 +1,206 @@
+"""The run's plan: the :class:`~bids_app.app.config.Config` and the model card resolved, once,
+into the :class:`~bids_app.workflows.base.PipelineSettings` the graph is built from.
+
+Every default that the model card can set (threshold, minimum lesion size, connectivity) and
+every default of the explanations (the refiner's training setting, else
+:class:`~bids_app.core.explain.ExplainConfig`'s) is decided here and nowhere else; the nodes
+receive the result (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from bids_app.errors import BadInputData, MissingInput, MsxplainError, UsageError
+
+LOGGER = logging.getLogger("bids_app")
+
+#: --skull-stripped (are the inputs skull-stripped?) -> the BrainMask node's mode
+BRAIN_MASK_MODES = {"auto": "auto", "yes": "stripped", "no": "template"}
+
+
+def resolve_settings(config, model, digests: dict[str, str], references: dict | None = None):
+    """Model card defaults + user overrides -> :class:`~bids_app.workflows.base.PipelineSettings`.
+
+    Parameters
+    ----------
+    config : bids_app.app.config.Config
+    model : bids_app.model.models.ResolvedModel
+        The resolved model (card, trainer folder).
+    digests : dict
+        SHA-256 of the verified member files (recorded as the model's provenance).
+    references : dict, optional
+        Session name -> :class:`~bids_app.bids.discovery.ReferenceMasks` (evaluation).
+
+    Raises
+    ------
+    MsxplainError
+        No brain-mask template while ``--skull-stripped no``; no atlas while one was asked for;
+        a missing or invalid refiner; ``--refine`` without a refiner; a card whose input
+        orientation cannot be resolved.
+    """
+    from bids_app.bids.derivatives import atomic_write_text, dumps_json
+    from bids_app.core.segment import resolve_device
+    from bids_app.model.models import (
+        CARD_NAME,
+        model_provenance,
+        resolve_input_orientation,
+        select_members,
+    )
+    from bids_app.workflows.base import PipelineSettings
+
+    card = model.card
+    folds = select_members(model, list(config.model.folds) if config.model.folds else None)
+    device = resolve_device(config.model.device).type
+    orientation = resolve_input_orientation(model, config.model.input_orientation)  # exit 65 now, not in a node
+    post = config.postprocess
+    if model.card_path is not None:
+        card_file = model.card_path
+    else:  # an inferred card is written into the work folder so the nodes read the same one
+        card_file = config.execution.work_dir / f"inferred_{CARD_NAME}"
+        atomic_write_text(card_file, dumps_json(card.raw))
+    template_t1w, template_mask = _brain_mask_template(config.model.skull_stripped)
+    feature_templates = _feature_templates(config.outputs) if config.outputs.lesion_features else None
+    outputs = config.outputs
+    explain = refiner_file = None
+    if outputs.explain:
+        refiner_file = _refiner_file(outputs, model)
+        explain = explain_config(outputs, read_refiner(refiner_file) if refiner_file else None)
+        if device == "cpu":
+            LOGGER.warning("Explanations on the CPU (%d SmoothGrad samples per lesion): expect minutes per "
+                           "lesion with a full-size model; --explain-max-lesions limits the work, a GPU is "
+                           "the intended device.", explain.n_samples)
+    return PipelineSettings(
+        bids_dir=config.execution.bids_dir,
+        output_dir=config.execution.output_dir,
+        trainer_dir=model.trainer_dir,
+        card_file=Path(card_file),
+        label_indices=tuple(card.lesion_indices),
+        label_names=tuple(lab.name for lab in card.labels),
+        reference_channel=card.reference_channel,
+        skull_stripped_input=card.skull_stripped_input,
+        folds=tuple(folds),
+        device=device,
+        tta=config.model.tta,
+        threshold=post.threshold if post.threshold is not None else card.threshold,
+        min_lesion_size=post.min_lesion_size if post.min_lesion_size is not None else card.min_lesion_size,
+        connectivity=post.connectivity if post.connectivity is not None else card.connectivity,
+        save_member_probabilities=config.model.save_member_probabilities,
+        omp_nthreads=config.resources.omp_nthreads,
+        model_provenance=model_provenance(model, folds, digests),
+        template_t1w=template_t1w,
+        template_mask=template_mask,
+        brain_mask_mode=BRAIN_MASK_MODES[config.model.skull_stripped],
+        member_thresholds=tuple(card.member_thresholds[f] for f in folds) if card.member_thresholds else (),
+        voxel_maps=tuple(outputs.voxel_uncertainty),
+        lesion_maps=tuple(outputs.lesion_uncertainty_maps),
+        detection_method=outputs.detection_method,
+        detection_threshold=outputs.detection_threshold,
+        ndsc_r=card.reference_lesion_load,
+        references=dict(references or {}),
+        feature_templates=feature_templates,
+        export_meshes=outputs.export_meshes,
+        explain=explain,
+        explain_max_lesions=int(outputs.explain_max_lesions),
+        refiner_file=refiner_file,
+        refine=outputs.refine,
+        refine_threshold=outputs.refine_threshold,
+        input_orientation=config.model.input_orientation,
+        network_orientation=orientation,
+    )
+
+
+def _brain_mask_template(skull_stripped: str) -> tuple[Path | None, Path | None]:
+    """The MNI template and its brain mask (None, None when TemplateFlow has none and the run can do
+    without: only ``--skull-stripped no`` needs it for every session)."""
+    from bids_app.bids.templates import brain_mask_template
+
+    try:
+        return brain_mask_template()
+    except MsxplainError as exc:
+        if skull_stripped == "no":  # every session needs the template: say so now
+            raise
+        LOGGER.warning("No brain-mask template: %s (only skull-stripped inputs can be processed).", exc.one_line())
+    return None, None
+
+
+def _feature_templates(outputs) -> dict[str, Path] | None:
+    """Templates of the lesion features (None: skipped, when ``--atlas auto|none`` finds none)."""
+    from bids_app.bids.templates import feature_templates
+
+    try:
+        templates = feature_templates(outputs.atlas, outputs.atlas_lut)
+    except MsxplainError as exc:
+        if outputs.atlas not in ("auto", "none"):
+            raise
+        LOGGER.warning("Lesion features skipped: %s", exc.one_line())
+        return None
+    if templates is not None and "atlas" not in templates:
+        LOGGER.warning("No atlas: lesion location classes use the GM map only (no ventricles, no brain stem); "
+                       "pass --atlas DSEG --atlas-lut TSV for the full classes.")
+    return templates
+
+
+def _refiner_file(outputs, model) -> Path | None:
+    """The saliency refiner of the run: ``--refiner FILE``, else the model's own (``--refiner none``: none)."""
+    from bids_app.model.models import model_refiner
+
+    refiner_file = None
+    if outputs.refiner and outputs.refiner != "none":
+        refiner_file = Path(outputs.refiner).resolve()
+        if not refiner_file.is_file():
+            raise MissingInput("The --refiner file does not exist.", path=str(refiner_file),
+                               hint="train one with msxplain-tools train-refiner, or drop --refiner.")
+    elif outputs.refiner is None:
+        refiner_file = model_refiner(model)
+    if outputs.refine and refiner_file is None:
+        raise UsageError("--refine needs a saliency refiner, and the model has none.",
+                         hint="pass --refiner FILE (msxplain-tools train-refiner).")
+    return refiner_file
+
+
+def read_refiner(path: Path) -> dict:
+    """A refiner JSON, checked before the run starts."""
+    from bids_app.core.saliency_radiomics import check_refiner
+
+    try:
+        return check_refiner(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInputData(f"Not a msxplain refiner ({type(exc).__name__}: {exc}).", path=str(path),
+                           hint="give the JSON written by msxplain-tools train-refiner.") from None
+
+
+def explain_config(outputs, refiner: dict | None):
+    """The :class:`~bids_app.core.explain.ExplainConfig` of the run's ExplainLesions nodes.
+
+    Each parameter is the user's, else the one the refiner was trained with (its radiomic
+    features depend on them), else the ``ExplainConfig`` default. A context margin that is not
+    positive means "measured" (``margin_mm=None``).
+
+    Parameters
+    ----------
+    outputs : bids_app.app.config.OutputConfig
+        ``explain_samples``, ``explain_noise``, ``explain_margin`` (None: not given).
+    refiner : dict or None
+        The checked refiner JSON; its ``explain_config`` holds the training setting.
+    """
+    from bids_app.core.explain import ExplainConfig
+
+    trained = (refiner or {}).get("explain_config") or {}
+    default = ExplainConfig()
+
+    def pick(user, key):
+        if user is not None:
+            if key in trained and trained[key] != user:
+                LOGGER.warning("The refiner was trained with %s = %s; this run uses %s (p_true_lesion may be "
+                               "off).", key, trained[key], user)
+            return user
+        return trained.get(key, getattr(default, key))
+
+    margin = pick(outputs.explain_margin, "margin_mm")
+    return ExplainConfig(n_samples=int(pick(outputs.explain_samples, "n_samples")),
+                         noise_level=float(pick(outputs.explain_noise, "noise_level")),
+                         margin_mm=float(margin) if margin is not None and margin > 0 else None,
+                         max_groups=int(trained.get("max_groups", default.max_groups)))
