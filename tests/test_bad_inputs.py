@@ -186,7 +186,7 @@ def test_read_only_or_full_output_leaves_nothing(tiny_model, small, tmp_path, mo
     The Linear plugin runs the nodes in this process so the simulation reaches them."""
     import os
 
-    import bids_app.bids.derivatives as derivatives
+    from bids_app.bids import commit
 
     out = tmp_path / "out"
     real_replace = os.replace
@@ -196,7 +196,7 @@ def test_read_only_or_full_output_leaves_nothing(tiny_model, small, tmp_path, mo
             raise OSError(exc_errno, os.strerror(exc_errno), str(dst))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(derivatives.os, "replace", failing_replace)
+    monkeypatch.setattr(commit.os, "replace", failing_replace)
     assert _run(tiny_model, small, out, "--plugin", "Linear") == code
     assert _derivative_files(out, "01") == []
     assert not list(out.glob(".msxplain-staging-*"))

@@ -187,10 +187,11 @@ def _contents(anat: Path) -> dict[str, float]:
 
 
 def test_a_session_is_replaced_as_one_unit(dataset, tmp_path, monkeypatch):
-    from bids_app.bids import derivatives
+    from bids_app.bids import commit
+    from bids_app.errors import OutputIOError
 
     out = tmp_path / "out"
-    derivatives.commit_records(_records(tmp_path, dataset, "old"), out, dataset)
+    commit.commit_records(_records(tmp_path, dataset, "old"), out, dataset)
     anat = out / "sub-01" / "anat"
     before = _contents(anat)
     assert set(before.values()) == {0.25} and len(before) == 4
@@ -204,12 +205,12 @@ def test_a_session_is_replaced_as_one_unit(dataset, tmp_path, monkeypatch):
         return real(src, dst)
 
     monkeypatch.setattr(os, "replace", fail_second_move)
-    with pytest.raises(derivatives.OutputIOError):
-        derivatives.commit_records(_records(tmp_path, dataset, "new"), out, dataset)
+    with pytest.raises(OutputIOError):
+        commit.commit_records(_records(tmp_path, dataset, "new"), out, dataset)
     monkeypatch.setattr(os, "replace", real)
     assert _contents(anat) == before  # the previous result, whole: no file of the failed attempt
     assert not list(out.glob(".msxplain-staging-*"))
-    derivatives.commit_records(_records(tmp_path, dataset, "new"), out, dataset)
+    commit.commit_records(_records(tmp_path, dataset, "new"), out, dataset)
     assert set(_contents(anat).values()) == {0.75}
 
 
@@ -222,23 +223,23 @@ def _dead_pid() -> int:
 @pytest.mark.parametrize("killed_after", ["old moved aside", "new moved into place"])
 def test_an_interrupted_swap_is_rolled_back_or_finished_on_the_next_start(dataset, tmp_path, killed_after):
     """A process killed in the middle of a swap leaves its journal; the next start completes it."""
-    from bids_app.bids import derivatives
+    from bids_app.bids import commit
 
     out = tmp_path / "out"
-    derivatives.commit_records(_records(tmp_path, dataset, "old"), out, dataset)
+    commit.commit_records(_records(tmp_path, dataset, "old"), out, dataset)
     # the state a commit killed between its two renames (or after the second) leaves
-    staging = out / derivatives.staging_name(pid=_dead_pid())
+    staging = out / commit.staging_name(pid=_dead_pid())
     new_records = _records(tmp_path, dataset, "new")
     elsewhere = tmp_path / "elsewhere"
-    derivatives.commit_records(new_records, elsewhere, dataset)
+    commit.commit_records(new_records, elsewhere, dataset)
     unit = Path("sub-01") / "anat"
     (staging / "new" / unit).parent.mkdir(parents=True)
     shutil.move(str(elsewhere / unit), str(staging / "new" / unit))
-    (staging / derivatives.SWAP_JOURNAL).write_text(json.dumps({"target": unit.as_posix()}))
+    (staging / commit.SWAP_JOURNAL).write_text(json.dumps({"target": unit.as_posix()}))
     os.replace(out / unit, staging / "old")
     if killed_after == "new moved into place":
         os.replace(staging / "new" / unit, out / unit)
-    done = derivatives.remove_stale_staging(out)
+    done = commit.remove_stale_staging(out)
     assert [outcome for _, outcome in done] == [{"old moved aside": "rolled back",
                                                  "new moved into place": "finished"}[killed_after]]
     expected = {"old moved aside": 0.25, "new moved into place": 0.75}[killed_after]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_app.reports import figures
+from bids_app.reports import figures, plots, selection
 from bids_app.reports.html import MISSING, format_value
 
 SHAPE = (48, 56, 40)
@@ -64,13 +64,13 @@ def test_format_value_writes_values_as_a_person_does():
 def test_choose_cuts_go_through_the_lesions_in_each_plane():
     _, brain = brain_volume()
     lesion = cube(SHAPE, (30, 20, 25), 3)
-    cuts = figures.choose_cuts(lesion, 3, brain)
+    cuts = selection.choose_cuts(lesion, 3, brain)
     assert set(cuts) == {"axial", "coronal", "sagittal"}
     assert any(25 <= z <= 27 for z in cuts["axial"])
     assert any(20 <= y <= 22 for y in cuts["coronal"])
     assert any(30 <= x <= 32 for x in cuts["sagittal"])
     assert all(len(v) == 3 for v in cuts.values())
-    empty = figures.choose_cuts(np.zeros(SHAPE, bool), 3, brain)
+    empty = selection.choose_cuts(np.zeros(SHAPE, bool), 3, brain)
     assert all(len(v) == 3 and len(set(v)) == 3 for v in empty.values())
 
 
@@ -80,9 +80,9 @@ def test_three_plane_figure_shows_a_3mm_lesion_in_each_plane():
     image, brain = brain_volume()
     lesion = cube(SHAPE, (30, 20, 25), 3)  # 3 mm at 1 mm voxels
     image[lesion] = 180
-    cuts = figures.choose_cuts(lesion, 3, brain)
+    cuts = selection.choose_cuts(lesion, 3, brain)
     fig = figures.three_plane_fig(image, lesion.astype(np.uint8), cuts, {1: ("#00ff00", "lesion")}, brain=brain)
-    labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_text().split(" ")[0] in figures.PLANES]
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_text().split(" ")[0] in selection.PLANES]
     assert {label.split(" ")[0] for label in labels} == {"axial", "coronal", "sagittal"}
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["lesion"]  # a swatch legend, no hex code
     picture = png(figures.to_data_uri(fig, dpi=100))
@@ -100,20 +100,20 @@ def test_evaluation_categories_and_missed_reference_lesions():
     instances[cube(SHAPE, (10, 10, 10), 4)] = 1
     instances[cube(SHAPE, (30, 30, 20), 3)] = 2
     reference = cube(SHAPE, (11, 11, 11), 4) | cube(SHAPE, (20, 40, 30), 3)
-    missed = figures.missed_reference_lesions(instances, reference)
+    missed = selection.missed_reference_lesions(instances, reference)
     assert missed.sum() == 27 and missed[21, 41, 31] and not missed[12, 12, 12]
-    cat = figures.evaluation_categories(instances, {1: "TPL", 2: "FPL"}, missed)
-    codes = {k: i for i, k in enumerate(figures.EVAL_CATEGORIES, start=1)}
+    cat = selection.evaluation_categories(instances, {1: "TPL", 2: "FPL"}, missed)
+    codes = {k: i for i, k in enumerate(selection.EVAL_CATEGORIES, start=1)}
     assert cat[11, 11, 11] == codes["TP"] and cat[31, 31, 21] == codes["FP"] and cat[21, 41, 31] == codes["FN"]
-    assert len({figures.EVAL_CATEGORIES[k][0] for k in ("TP", "FP", "FN")}) == 3
+    assert len({selection.EVAL_CATEGORIES[k][0] for k in ("TP", "FP", "FN")}) == 3
 
 
 def test_uncertain_lesions_are_chosen_above_the_size_floor():
     table = pd.DataFrame({"label": [1, 2, 3, 4], "volume_mm3": [2.0, 64.0, 9.0, 27.0], "LSU": [0.9, 0.2, 0.8, 0.5]})
-    top = figures.choose_uncertain_lesions(table, 5, 10.0)
+    top = selection.choose_uncertain_lesions(table, 5, 10.0)
     assert top["label"].tolist() == [4, 2]
-    assert figures.choose_uncertain_lesions(table, 1, 0.0)["label"].tolist() == [1]
-    title = figures.crop_title(4, 27.0, "LSU", 0.5)
+    assert selection.choose_uncertain_lesions(table, 1, 0.0)["label"].tolist() == [1]
+    title = selection.crop_title(4, 27.0, "LSU", 0.5)
     assert title == "lesion #4 \u00b7 27 mm\u00b3 \u00b7 LSU 0.5"
 
 
@@ -224,12 +224,12 @@ def test_report_without_references_colours_classes(participant_output, tmp_path)
 # ------------------------------------------------------------------ group
 def test_small_groups_are_strip_plots():
     small = {"site-A": np.array([3.0]), "site-B": np.array([5.0, 7.0])}
-    assert figures.plot_kind(small) == "strip"
-    assert figures.plot_kind({"a": np.arange(12.0), "b": np.arange(15.0)}) == "box"
-    fig = figures.values_fig(small, "lesions", "n")
+    assert plots.plot_kind(small) == "strip"
+    assert plots.plot_kind({"a": np.arange(12.0), "b": np.arange(15.0)}) == "box"
+    fig = plots.values_fig(small, "lesions", "n")
     ax = fig.axes[0]
     assert not ax.lines  # no box, whisker or cap (a box plot draws them as lines)
-    assert figures.values_fig({"a": np.arange(12.0)}, "t", "y").axes[0].lines  # ... and the control does
+    assert plots.values_fig({"a": np.arange(12.0)}, "t", "y").axes[0].lines  # ... and the control does
     points = sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
     assert points >= 3  # every session a point
     assert [t.get_text() for t in ax.get_xticklabels()] == ["site-A\nn = 1", "site-B\nn = 2"]
@@ -237,9 +237,9 @@ def test_small_groups_are_strip_plots():
 
 def test_retention_curves_are_told_apart():
     x = np.linspace(0, 1, 11)
-    assert figures.split_series(["PSU / DSC", "PSU / F1", "LSU / DSC"]) == {"DSC": ["PSU / DSC", "LSU / DSC"],
+    assert plots.split_series(["PSU / DSC", "PSU / F1", "LSU / DSC"]) == {"DSC": ["PSU / DSC", "LSU / DSC"],
                                                                             "F1": ["PSU / F1"]}
-    fig = figures.curves_fig({"PSU / DSC": (x, x), "PSU / F1": (x, x), "avg_LSU / DSC": (x, x),
+    fig = plots.curves_fig({"PSU / DSC": (x, x), "PSU / F1": (x, x), "avg_LSU / DSC": (x, x),
                               "avg_MI / DSC": (x, x)}, "t", "x", "y", caveat="n < 10: descriptive only (2 subjects)")
     panels = [ax for ax in fig.axes if ax.lines]
     assert [ax.get_title() for ax in panels] == ["DSC", "F1"]
@@ -312,7 +312,7 @@ def write_group(tmp_path: Path) -> Path:
 
 def test_three_plane_figure_without_lesions_shows_evenly_spaced_slices():
     image, brain = brain_volume()
-    cuts = figures.choose_cuts(np.zeros(SHAPE, bool), 3, brain)
+    cuts = selection.choose_cuts(np.zeros(SHAPE, bool), 3, brain)
     fig = figures.three_plane_fig(image, np.zeros(SHAPE, np.uint8), cuts, {1: ("#ffd700", "WML")}, brain=brain)
     assert not fig.legends  # nothing outlined, no legend entry
     assert sum(1 for ax in fig.axes if ax.images) == 9

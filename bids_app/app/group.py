@@ -34,7 +34,7 @@ Inputs are checked before anything is written: a participant output that cannot 
 summary that is not a JSON object, a lesion table that is not text, a transform ITK cannot
 read) stops the group level with exit 65 and a message naming every such file. ``group/`` is
 written all or nothing: built in a staging folder and swapped in as one unit
-(:func:`bids_app.bids.derivatives.swap_in`), so a failed group run leaves the previous one intact.
+(:func:`bids_app.bids.commit.swap_in`), so a failed group run leaves the previous one intact.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bids_app.bids.derivatives import find_outputs, output_path, session_folders, session_prefix, sidecar_path
 from bids_app.errors import BadInputData, MissingInput
 
 LOGGER = logging.getLogger("bids_app.app.group")
@@ -63,7 +64,8 @@ MIN_LESIONS_FOR_REGRESSION = 30
 
 
 def find_summaries(output_dir: Path) -> list[Path]:
-    return sorted(Path(output_dir).glob("sub-*/**/anat/*_summary.json"))
+    """Every session summary (``summary`` of io_spec.json) of the output folder, sorted."""
+    return sorted(p for folder in session_folders(output_dir) for p in find_outputs(folder, "summary"))
 
 
 def read_participants(bids_dir: Path) -> pd.DataFrame:
@@ -222,7 +224,7 @@ def collect(output_dir: Path, bids_dir: Path, participant_label=None) -> tuple[p
         folder = path.relative_to(output_dir).parts[0]
         if participant_label and folder[4:] not in participant_label:
             continue
-        table_path = Path(str(path).replace("_summary.json", "_lesions.tsv"))
+        table_path = output_path(path.parent, session_prefix(path), "lesion_table")
         try:
             summary = read_summary(path)
         except (ValueError, OSError) as exc:
@@ -329,8 +331,9 @@ def lesion_frequency(output_dir: Path, sessions: pd.DataFrame):
         folder = Path(output_dir) / row["participant_id"]
         if row["session_id"] not in (None, "n/a"):
             folder = folder / row["session_id"]
-        inst = folder / "anat" / f"{prefix}_desc-instances_dseg.nii.gz"
-        xfms = sorted((folder / "anat").glob(f"{prefix}_from-*_to-MNI152NLin2009cAsym_mode-image_xfm.txt"))
+        inst = output_path(folder / "anat", prefix, "instance_dseg")
+        xfms = [p for p in find_outputs(folder / "anat", "template_xfm", to="MNI152NLin2009cAsym")
+                if p.name.startswith(f"{prefix}_")]
         if not inst.is_file() or not xfms:
             continue
         try:
@@ -360,7 +363,8 @@ def run_group(config) -> int:
     swapped in as one unit once every file of it is written."""
     import shutil
 
-    from bids_app.bids.derivatives import _io_error, recover_swap, staging_name, swap_in
+    from bids_app.bids.commit import recover_swap, staging_name, swap_in
+    from bids_app.bids.derivatives import io_error
 
     ex = config.execution
     out = ex.output_dir
@@ -375,7 +379,7 @@ def run_group(config) -> int:
         _write_group(config, staging / "new", result)
         swap_in(staging, out, Path("group"))
     except OSError as exc:
-        raise _io_error(exc, out) from None
+        raise io_error(exc, out) from None
     finally:
         try:  # deletes the previous group/ after the swap, puts it back after a failed one
             recover_swap(staging, out)
@@ -580,7 +584,8 @@ def lesion_dictionaries(output_dir: Path) -> dict[str, dict]:
     """The column definitions of the participants' lesion tables (their ``*_lesions.json``),
     merged (the first definition of a column wins); keys that are not columns are left out."""
     merged: dict[str, dict] = {}
-    for path in sorted(Path(output_dir).glob("sub-*/**/anat/*_lesions.json")):
+    for path in sorted(sidecar_path(table) for folder in session_folders(output_dir)
+                       for table in find_outputs(folder, "lesion_table")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

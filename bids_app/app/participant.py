@@ -28,7 +28,8 @@ def run_participant(config, log=None) -> int:
     from bids_app import __version__
     from bids_app.app.execution import configure_nipype, disk_full, run_graph, work_disk_error
     from bids_app.app.plan import resolve_settings
-    from bids_app.bids.derivatives import dataset_authors, remove_stale_staging, write_dataset_files
+    from bids_app.bids.commit import remove_stale_staging
+    from bids_app.bids.derivatives import dataset_authors, write_dataset_files
     from bids_app.bids.discovery import discover, open_layout
     from bids_app.model.models import check_consistency, resolve_model, select_members, verify_members
     from bids_app.workflows.base import init_msxplain_wf
@@ -208,7 +209,7 @@ def _remove_failed_outputs(failures, sessions, discovery_failures, output_dir: P
     The output folder then never shows results beside the error of a later attempt, and the
     group level cannot count them (README, "Bad input: what happens").
     """
-    from bids_app.bids.derivatives import remove_session_outputs
+    from bids_app.bids.commit import remove_session_outputs
 
     folders = {s.name: session_folder(s) for s in list(sessions) + list(discovery_failures)}
     for name in sorted(failures):

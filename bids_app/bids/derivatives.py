@@ -1,9 +1,8 @@
-"""BIDS derivatives: names, sidecars, dataset-level files and atomic, all-or-nothing writes.
+"""BIDS derivatives: names, sidecars, readers and dataset-level files.
 
 The names of every output come from one declarative file, ``data/io_spec.json``; this module
-turns a *derivative record* (what a processing node produced) into a BIDS path, coerces the
-data type by suffix (``mask`` -> uint8, ``dseg`` -> int16, ``probseg`` -> float32, as
-niworkflows' DerivativesDataSink does), and writes the JSON sidecar.
+turns a *derivative record* (what a processing node produced) into a BIDS path and its JSON
+sidecar, and finds the outputs of a session by the same names.
 
 A derivative record is a JSON-serialisable dict::
 
@@ -14,11 +13,9 @@ A derivative record is a JSON-serialisable dict::
      "derived_from": [{"key": "probseg", "entities": {"label": "WML"}}],  # other outputs
      "metadata": {...}}                     # sidecar fields
 
-:func:`commit_records` writes all the records of one session into a staging folder inside
-the output directory, then swaps the whole session folder (``sub-X/[ses-Y/]anat``) in with two
-renames (old folder aside, new folder into place); a journal in the staging folder lets the next
-run finish or roll back a swap that was interrupted (:func:`remove_stale_staging`), so an
-interrupted or failing run never leaves half a file, half a session or a mix of two runs behind.
+Writing a session's records all or nothing (staging, the session swap, its recovery, the data
+type by suffix) is :mod:`bids_app.bids.commit`. Readers (the group level, the reports) find outputs through the
+same spec: :func:`session_folders`, :func:`find_outputs`, :func:`output_path`.
 Dataset-level files (``dataset_description.json``, ``.bidsignore``) are written through a
 temporary file and an atomic rename with identical content, so parallel participant jobs
 (SLURM arrays) can write them at the same time.
@@ -29,11 +26,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import socket
 import tempfile
-import time
-import uuid
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -52,9 +45,7 @@ ENTITY_ORDER = [
 ]
 #: entities a derivative keeps from its sources (raw entities, not processing ones)
 SOURCE_ENTITIES = ["sub", "ses", "acq", "ce", "rec", "run", "echo", "part", "inv"]
-SUFFIX_DTYPES = {"mask": np.uint8, "dseg": np.int16, "probseg": np.float32}
 DERIVATIVE_BIDS_VERSION = "1.10.0"
-STAGING_PREFIX = ".msxplain-staging-"
 
 
 @lru_cache(maxsize=1)
@@ -113,6 +104,81 @@ def subject_dir(entities: dict[str, str]) -> Path:
     return d / "anat"
 
 
+def session_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The session folders of an output dataset (``sub-X/anat`` and ``sub-X/ses-Y/anat``), sorted."""
+    root = Path(output_dir)
+    folders = list(root.glob("sub-*/anat")) + list(root.glob("sub-*/ses-*/anat"))
+    return sorted(f for f in folders if f.is_dir())
+
+
+def _matches(path: Path, spec: dict[str, Any], entities: dict[str, str]) -> bool:
+    ents, suffix, extension = parse_bids_name(path)
+    fixed = spec.get("entities", {})
+    allowed = set(SOURCE_ENTITIES) | set(fixed) | set(spec.get("variable", []))
+    return ("sub" in ents and extension == spec["extension"]
+            and spec["suffix"] in ("{source}", suffix)
+            and all(ents.get(k) == v for k, v in fixed.items())
+            and not set(ents) - allowed
+            and all(ents.get(k) == v for k, v in entities.items()))
+
+
+def find_outputs(folder: str | os.PathLike, key: str, **entities: str) -> list[Path]:
+    """The files of one session folder that are output ``key`` of io_spec.json, sorted.
+
+    A file matches when its suffix and extension are the spec's, it carries the spec's fixed
+    entities, and no entity beyond the sources' ones and the spec's variable ones (so
+    ``probseg`` does not match the ``desc-member<fold>`` files of ``member_probseg``).
+
+    Parameters
+    ----------
+    folder : path
+        A session folder (``sub-X/[ses-Y/]anat``, see :func:`session_folders`).
+    key : str
+        An output of io_spec.json.
+    **entities
+        Values the variable entities must have, e.g. ``to="MNI152NLin2009cAsym"``.
+    """
+    spec = output_spec(key)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and _matches(p, spec, entities))
+
+
+def output_path(folder: str | os.PathLike, prefix: str, key: str, **entities: str) -> Path:
+    """Where output ``key`` of the session ``prefix`` (its shared entities, e.g. ``sub-01_ses-a``) is.
+
+    Parameters
+    ----------
+    folder : path
+        The session folder.
+    prefix : str
+        The session's file-name prefix: what its ``*_summary.json`` is named before ``_summary``.
+    key : str
+        An output of io_spec.json whose suffix is fixed (not ``{source}``).
+    **entities
+        Values of the output's variable entities.
+    """
+    spec = output_spec(key)
+    ents = parse_bids_name(f"{prefix}_x")[0]
+    ents.update(spec.get("entities", {}))
+    ents.update(entities)
+    return Path(folder) / build_name(ents, spec["suffix"], spec["extension"])
+
+
+def session_prefix(path: str | os.PathLike) -> str:
+    """The file-name prefix of the session an output belongs to: its source entities
+    (``sub-01_ses-a`` for ``sub-01_ses-a_desc-lesions_dseg.nii.gz``)."""
+    ents = parse_bids_name(path)[0]
+    return "_".join(f"{k}-{ents[k]}" for k in ENTITY_ORDER if k in SOURCE_ENTITIES and ents.get(k))
+
+
+def sidecar_path(path: str | os.PathLike, extension: str = ".json") -> Path:
+    """The file beside ``path`` with another extension (its JSON sidecar, a dseg's ``.tsv``)."""
+    path = Path(path)
+    return path.with_name(path.name.replace("".join(path.suffixes), extension))
+
+
 def derivative_relpath(key: str, sources: list[str], entities: dict[str, str] | None = None,
                        source_suffix: str | None = None) -> Path:
     """Relative path (inside the output dataset) of an output declared in io_spec.json."""
@@ -162,10 +228,10 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        raise _io_error(exc, path) from None
+        raise io_error(exc, path) from None
 
 
-def _io_error(exc: OSError, path: Path):
+def io_error(exc: OSError, path: Path):
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return OutputIOError("No space left while writing derivatives; nothing was left half-written.",
                              path=str(path), hint="free disk space or choose another output folder, then re-run.")
@@ -310,28 +376,8 @@ msxplain README.
 
 
 # --------------------------------------------------------------------------------------
-# Writing the records of a session
+# Sidecars and tables of the records
 # --------------------------------------------------------------------------------------
-def _coerce_nifti(src: Path, dst: Path, suffix: str, dtype_name: str | None) -> None:
-    import nibabel as nib
-
-    img = nib.load(str(src))
-    dtype = SUFFIX_DTYPES.get(suffix) or (np.dtype(dtype_name) if dtype_name else None)
-    data = np.asanyarray(img.dataobj)
-    if dtype is not None and data.dtype != dtype:
-        if np.issubdtype(dtype, np.integer):
-            data = np.rint(data)
-        data = data.astype(dtype)
-    out = nib.Nifti1Image(data, img.affine)
-    qform = img.header.get_qform()
-    out.set_qform(qform, code=1)
-    out.set_sform(img.header.get_sform() if img.header["sform_code"] > 0 else qform, code=1)
-    out.header.set_xyzt_units("mm", "sec")
-    if np.issubdtype(data.dtype, np.floating):
-        out.header.set_slope_inter(1.0, 0.0)
-    nib.save(out, str(dst))
-
-
 def tsv_columns(path: str | os.PathLike) -> list[str]:
     """The column names of a TSV file (its header line)."""
     with open(path, encoding="utf-8") as handle:
@@ -381,247 +427,3 @@ def sidecar_for(record: dict[str, Any], bids_dir: Path, output_dir: Path, common
     meta.update(record.get("metadata", {}))
     meta.update(common)
     return meta
-
-
-def commit_records(records: list[dict[str, Any]], output_dir: Path, bids_dir: Path,
-                   common_metadata: dict[str, Any] | None = None,
-                   spatial_reference: str | None = None) -> list[Path]:
-    """Write all derivative records of one session, all or nothing, replacing its previous outputs.
-
-    Every file and sidecar is first written into ``output_dir/.msxplain-staging-<owner>-<id>/new/``
-    (same file system, so the renames are atomic); the session folder is then swapped in as one
-    unit (:func:`swap_in`). If anything fails, the previous outputs of the session (if any) stay
-    as they were and the staging folder is removed.
-
-    ``spatial_reference`` (a raw file) becomes the ``SpatialReference`` of every image.
-
-    Returns
-    -------
-    list of Path
-        The final paths of the data files (not the sidecars).
-    """
-    output_dir = Path(output_dir)
-    common_metadata = common_metadata or {}
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        staging = output_dir / staging_name()
-        staging.mkdir()
-    except OSError as exc:
-        raise _io_error(exc, output_dir) from None
-    new = staging / "new"
-    written: list[Path] = []
-    try:
-        seen: set[Path] = set()
-        for record in records:
-            rel = derivative_relpath(record["key"], record["sources"], record.get("entities"),
-                                     record.get("source_suffix"))
-            if rel in seen:
-                raise ValueError(f"two records would both write {rel}")
-            seen.add(rel)
-            spec = output_spec(record["key"])
-            staged = new / rel
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            src = Path(record["file"])
-            suffix = parse_bids_name(rel)[1]
-            if rel.name.endswith((".nii.gz", ".nii")):
-                _coerce_nifti(src, staged, suffix, spec.get("dtype"))
-            else:
-                shutil.copyfile(src, staged)
-            written.append(output_dir / rel)
-            if rel.suffix != ".json":
-                sidecar_rel = rel.with_name(rel.name.replace("".join(Path(rel.name).suffixes), ".json"))
-                meta = sidecar_for(record, bids_dir, output_dir, common_metadata)
-                if spatial_reference and rel.name.endswith((".nii.gz", ".nii")):
-                    meta.setdefault("SpatialReference", bids_uri(spatial_reference, bids_dir))
-                if record.get("lookup_table"):  # the dseg and its .tsv share this sidecar
-                    meta.update(lookup_column_definitions(record["key"], tsv_columns(record["lookup_table"])))
-                if rel.suffix == ".tsv":
-                    undefined = undefined_tsv_columns(tsv_columns(src), meta)
-                    if undefined:
-                        raise ValueError(f"{rel.name}: columns {undefined} have no definition in the sidecar")
-                (new / sidecar_rel).write_text(dumps_json(meta))
-            if record.get("lookup_table"):
-                lut_rel = rel.with_name(rel.name.replace("".join(Path(rel.name).suffixes), ".tsv"))
-                shutil.copyfile(record["lookup_table"], new / lut_rel)
-        folders = {rel.parent for rel in seen}
-        if len(folders) != 1:  # the swap replaces one folder: a session's records share it
-            raise ValueError(f"the records of one session go to {len(folders)} folders: {sorted(map(str, folders))}")
-        swap_in(staging, output_dir, folders.pop())
-    except OSError as exc:
-        raise _io_error(exc, output_dir) from None
-    finally:
-        try:  # deletes the old outputs after a swap, puts them back after a failed one
-            recover_swap(staging, output_dir)
-        except OSError:  # they could not be put back: the journal stays for the next run
-            pass
-    return written
-
-
-# --------------------------------------------------------------------------------------
-# Staging folders, the session swap and its recovery
-# --------------------------------------------------------------------------------------
-#: the journal of a swap: written once the new folder is complete, before anything is moved
-SWAP_JOURNAL = "swap.json"
-
-
-def _host() -> str:
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
-
-
-def staging_name(pid: int | None = None) -> str:
-    """``.msxplain-staging-<host>.<pid>-<random>``: the owner is named so that a folder left by a
-    killed process can be told from one a live run is writing (:func:`staging_owner`)."""
-    return f"{STAGING_PREFIX}{_host()}.{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:12]}"
-
-
-def staging_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of the process that created a staging folder; None for an older name."""
-    import re
-
-    match = re.fullmatch(re.escape(STAGING_PREFIX) + r"(.+)\.(\d+)-[0-9a-f]{12}", name)
-    return (match.group(1), int(match.group(2))) if match else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _abandoned(folder: Path, max_age_s: float = 24 * 3600) -> bool:
-    """Whether no live process owns a staging folder: its owner ran on this host and is gone, or
-    (another host, an old name) it has not changed for ``max_age_s``."""
-    owner = staging_owner(folder.name)
-    if owner is not None and owner[0] == _host():
-        return owner[1] != os.getpid() and not _pid_alive(owner[1])
-    try:
-        return time.time() - folder.stat().st_mtime > max_age_s
-    except OSError:
-        return False
-
-
-def swap_in(staging: Path, output_dir: Path, unit: Path) -> None:
-    """Replace ``output_dir/unit`` by ``staging/new/unit`` as one unit.
-
-    Steps: write ``staging/swap.json`` (the journal), move the old folder to ``staging/old``,
-    move the new folder into place (the commit point). A failure before the commit point puts
-    the old folder back; a process killed in between leaves the journal, and
-    :func:`recover_swap` finishes (after the commit point) or rolls back (before it).
-
-    Raises
-    ------
-    OSError
-        The swap failed; the previous outputs are in place again (or, when even that failed,
-        :func:`recover_swap` puts them back).
-    """
-    target = Path(output_dir) / unit
-    journal = staging / SWAP_JOURNAL
-    with open(journal, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps({"target": Path(unit).as_posix()}) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    moved_old = False
-    if target.exists():
-        os.replace(target, staging / "old")
-        moved_old = True
-    try:
-        os.replace(staging / "new" / unit, target)  # the commit point
-    except OSError:
-        if moved_old:
-            try:
-                os.replace(staging / "old", target)
-            except OSError:
-                pass  # recover_swap tries again, now or at the next start
-        raise
-
-
-def recover_swap(staging: Path, output_dir: Path) -> str:
-    """Finish or roll back the swap recorded in an abandoned staging folder, then remove it.
-
-    Returns
-    -------
-    str
-        ``"finished"`` (the new folder was in place: the old one is deleted), ``"rolled back"``
-        (the old folder is put back), or ``"removed"`` (no swap had started).
-    """
-    outcome = "removed"
-    if not staging.exists():
-        return outcome
-    try:
-        target_rel = json.loads((staging / SWAP_JOURNAL).read_text())["target"]
-    except (OSError, ValueError, KeyError, TypeError):
-        target_rel = None
-    if target_rel is not None and ".." not in Path(target_rel).parts:
-        target = Path(output_dir) / target_rel
-        if (staging / "new" / target_rel).exists():  # the commit point was not reached
-            if (staging / "old").exists() and not target.exists():
-                os.replace(staging / "old", target)
-            outcome = "rolled back"
-        else:
-            outcome = "finished"
-    shutil.rmtree(staging, ignore_errors=True)
-    return outcome
-
-
-def remove_stale_staging(output_dir: Path) -> list[tuple[Path, str]]:
-    """Recover or remove the staging folders that killed runs left (their swaps, see :func:`swap_in`).
-
-    Folders a live run may still be writing are left alone (see :func:`_abandoned`).
-
-    Returns
-    -------
-    list of (Path, str)
-        Each folder handled and what was done (see :func:`recover_swap`).
-    """
-    done: list[tuple[Path, str]] = []
-    if not Path(output_dir).is_dir():
-        return done
-    for folder in sorted(Path(output_dir).glob(f"{STAGING_PREFIX}*")):
-        if folder.is_dir() and _abandoned(folder):
-            try:
-                done.append((folder, recover_swap(folder, output_dir)))
-            except OSError:
-                pass
-    return done
-
-
-def remove_staging_of(output_dir: Path, pids: Iterable[int]) -> list[Path]:
-    """Recover and remove the staging folders that the given (ended) processes of this host created."""
-    pids = set(pids)
-    removed = []
-    for folder in sorted(Path(output_dir).glob(f"{STAGING_PREFIX}*")):
-        owner = staging_owner(folder.name)
-        if owner is not None and owner[0] == _host() and owner[1] in pids:
-            try:
-                recover_swap(folder, output_dir)
-                removed.append(folder)
-            except OSError:
-                pass
-    return removed
-
-
-def remove_session_outputs(output_dir: Path, unit: Path) -> bool:
-    """Remove a session's outputs (``unit`` = ``sub-X/[ses-Y/]anat``) as one unit: moved aside with
-    one rename, then deleted. Used when the latest attempt of a session failed, so that outputs
-    of an earlier run never stand beside the error of the latest one.
-
-    Returns
-    -------
-    bool
-        True when there was something to remove.
-    """
-    target = Path(output_dir) / unit
-    if not target.exists():
-        return False
-    staging = Path(output_dir) / staging_name()
-    staging.mkdir()
-    try:
-        os.replace(target, staging / "old")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return True

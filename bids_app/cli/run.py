@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupted(exc, config) -> int:
     """After SIGTERM/SIGINT (the run's processes are ended): remove what they were staging, say how to resume."""
-    from bids_app.bids.derivatives import remove_staging_of
+    from bids_app.bids.commit import remove_staging_of
 
     ex = config.execution
     try:

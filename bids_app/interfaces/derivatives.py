@@ -88,7 +88,7 @@ class _DerivativesSinkOutputSpec(TraitedSpec):
 
 
 class DerivativesSink(SimpleInterface):
-    """Write one session's derivatives, all or nothing (:func:`bids_app.bids.derivatives.commit_records`)."""
+    """Write one session's derivatives, all or nothing (:func:`bids_app.bids.commit.commit_records`)."""
 
     input_spec = _DerivativesSinkInputSpec
     output_spec = _DerivativesSinkOutputSpec
@@ -96,7 +96,7 @@ class DerivativesSink(SimpleInterface):
     def _run_interface(self, runtime):
         from pathlib import Path
 
-        from bids_app.bids.derivatives import commit_records
+        from bids_app.bids.commit import commit_records
 
         written = commit_records(
             list(self.inputs.records), Path(self.inputs.output_dir), Path(self.inputs.bids_dir),

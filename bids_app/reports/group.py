@@ -72,7 +72,7 @@ def frequency_section(output_dir: Path, n_sessions: int) -> str:
 def write_group_report(output_dir: Path, result) -> Path:
     from bids_app import __version__
     from bids_app.bids.derivatives import atomic_write_text
-    from bids_app.reports import figures
+    from bids_app.reports import plots
 
     sessions, lesions = result.sessions, result.lesions
     n_sessions = len(sessions)
@@ -91,10 +91,10 @@ def write_group_report(output_dir: Path, result) -> Path:
             ["participant_id", "session_id", "qc_flags"]))
     parts.append("<h2>Lesion counts and volumes</h2>")
     if "n_lesions" in sessions.columns:
-        uri = figures.values_plot(_by_site(sessions, "n_lesions"), "lesions per session", "lesions", SMALL_N)
+        uri = plots.values_plot(_by_site(sessions, "n_lesions"), "lesions per session", "lesions", SMALL_N)
         parts.append(f"<img alt='counts' src='{uri}'>")
     if "total_volume_mm3" in sessions.columns:
-        uri = figures.values_plot(_by_site(sessions, "total_volume_mm3"), "lesion volume per session", "mm³",
+        uri = plots.values_plot(_by_site(sessions, "total_volume_mm3"), "lesion volume per session", "mm³",
                                   SMALL_N)
         parts.append(f"<img alt='volumes' src='{uri}'>")
     parts.append(frequency_section(output_dir, n_sessions))
@@ -103,7 +103,7 @@ def write_group_report(output_dir: Path, result) -> Path:
             else lesions.get("class", None)
         groups = groups.to_numpy() if hasattr(groups, "to_numpy") else groups
         parts.append("<h2>Lesion uncertainty</h2>")
-        uri = figures.scatter(lesions["volume_mm3"].to_numpy(float), lesions["LSU"].to_numpy(float), groups,
+        uri = plots.scatter(lesions["volume_mm3"].to_numpy(float), lesions["LSU"].to_numpy(float), groups,
                               "lesion uncertainty (LSU) vs size", "volume (mm³)", "LSU", logx=True)
         parts.append(f"<img alt='uncertainty vs size' src='{uri}'>")
     if result.retention_curves:
@@ -116,7 +116,7 @@ def write_group_report(output_dir: Path, result) -> Path:
         series = {" / ".join(k[shared:]): (np.asarray(c.fracs), np.asarray(c.values)) for k, (_, c) in zip(keys, items)}
         parts.append("<h2>Patient-scale retention curves</h2>")
         parts.append(_caveat_html(caveat))
-        uri = figures.curves(series, "metric when the most uncertain patients are replaced by perfect scores",
+        uri = plots.curves(series, "metric when the most uncertain patients are replaced by perfect scores",
                              "retained fraction", "mean metric", caveat=caveat)
         parts.append(f"<img alt='retention curves' src='{uri}'>")
         parts.append("<p class='small'>One panel per metric, one numbered line per uncertainty measure; lines that "
@@ -129,7 +129,7 @@ def write_group_report(output_dir: Path, result) -> Path:
         parts.append(table(det.to_dict(orient="records"), list(det.columns)))
         sites = det[det["group_by"] == "site"] if "group_by" in det.columns else det.iloc[0:0]
         if len(sites) and "F1" in sites.columns:
-            uri = figures.coefficients([str(g) for g in sites["group"]], sites["F1"].to_numpy(float), None,
+            uri = plots.coefficients([str(g) for g in sites["group"]], sites["F1"].to_numpy(float), None,
                                        "pooled lesion F1 per site")
             parts.append(f"<img alt='per-site F1' src='{uri}'>")
     if result.regression is not None:
@@ -141,7 +141,7 @@ def write_group_report(output_dir: Path, result) -> Path:
         parts.append(f"<p>{esc(summary.get('model'))}: cross-validated R² = {esc(summary.get('cv_r2_mean'))} "
                      f"± {esc(summary.get('cv_r2_sd'))} over {esc(summary.get('n_repeats'))} repeats, "
                      f"{esc(result.regression['n_lesions'])} lesions from {n_subjects} subject(s).</p>")
-        uri = figures.coefficients(names, [r["mean"] for r in imp], [r["sd"] for r in imp],
+        uri = plots.coefficients(names, [r["mean"] for r in imp], [r["sd"] for r in imp],
                                    "standardised coefficients (target: LSU)", caveat=caveat)
         parts.append(f"<img alt='coefficients' src='{uri}'>")
     if result.icc is not None:

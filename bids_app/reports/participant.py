@@ -13,7 +13,7 @@ What a session shows:
   reference masks, as true positive / under-segmented / false positive / missed lesions;
 * the ensemble probability and the voxel uncertainty (axial);
 * the most uncertain lesions (highest LSU) among those of at least
-  :data:`~bids_app.reports.figures.MIN_CROP_VOLUME_MM3` mm³ (and of the minimum lesion size),
+  :data:`~bids_app.reports.selection.MIN_CROP_VOLUME_MM3` mm³ (and of the minimum lesion size),
   each titled with its number, volume and score;
 * the lesion table, the evaluation metrics and the provenance (tables that wrap, values
   written as a person writes them).
@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from bids_app.bids.derivatives import find_outputs, output_path, session_prefix, sidecar_path
 from bids_app.reports.html import STYLE, esc, format_value, key_value_table, swatch_legend, table
 
 LOGGER = logging.getLogger("bids_app.reports")
@@ -83,7 +84,7 @@ def find_reference_files(anat: Path, prefix: str, output_dir: Path) -> tuple[lis
     -------
     (found, missing) : list of Path, list of str
     """
-    metrics = anat / f"{prefix}_desc-evaluation_metrics.json"
+    metrics = output_path(anat, prefix, "evaluation")
     try:
         names = json.loads(metrics.read_text()).get("reference_files", [])
     except (OSError, ValueError):
@@ -122,7 +123,7 @@ def _reference_mask(files: list[Path], shape: tuple[int, ...]) -> np.ndarray | N
 def _lesion_figure(anat: Path, prefix: str, output_dir: Path, images: dict, zooms, classes, instances, brain,
                    class_names: dict[int, str], table, summary: dict) -> tuple[list[str], dict, dict[int, str]]:
     """HTML of the three-plane lesion figure; the cuts; the outline colour of each lesion label."""
-    from bids_app.reports import figures
+    from bids_app.reports import figures, selection
 
     parts: list[str] = []
     background_name = "FLAIR" if "FLAIR" in images else next(iter(images))
@@ -137,21 +138,21 @@ def _lesion_figure(anat: Path, prefix: str, output_dir: Path, images: dict, zoom
             reference = _reference_mask(ref_files, instances.shape)
             if reference is not None:
                 connectivity = int(summary.get("parameters", {}).get("Connectivity", 18) or 18)
-                missed = figures.missed_reference_lesions(instances, reference, connectivity)
-        categories = figures.evaluation_categories(instances, types, missed)
-        keys = list(figures.EVAL_CATEGORIES)
-        legend = {i: figures.EVAL_CATEGORIES[k] for i, k in enumerate(keys, start=1)}
+                missed = selection.missed_reference_lesions(instances, reference, connectivity)
+        categories = selection.evaluation_categories(instances, types, missed)
+        keys = list(selection.EVAL_CATEGORIES)
+        legend = {i: selection.EVAL_CATEGORIES[k] for i, k in enumerate(keys, start=1)}
         for label, kind in types.items():
-            category = figures.LESION_TYPE_CATEGORY.get(kind)
+            category = selection.LESION_TYPE_CATEGORY.get(kind)
             if category:
-                label_colours[label] = figures.EVAL_CATEGORIES[category][0]
-        counts = {k: sum(1 for v in types.values() if figures.LESION_TYPE_CATEGORY.get(v) == k) for k in keys[:3]}
+                label_colours[label] = selection.EVAL_CATEGORIES[category][0]
+        counts = {k: sum(1 for v in types.values() if selection.LESION_TYPE_CATEGORY.get(v) == k) for k in keys[:3]}
         evaluation = summary.get("evaluation", {})
         counts["FN"] = evaluation.get("all/FNL")
         title = f"{background_name}: lesions against the reference masks"
-        parts.append(swatch_legend([(figures.EVAL_CATEGORIES[k][0],
-                                     (f"{figures.EVAL_CATEGORIES[k][1]} ({format_value(counts.get(k))}): "
-                                      f"{figures.EVAL_EXPLANATIONS[k]}")) for k in keys]))
+        parts.append(swatch_legend([(selection.EVAL_CATEGORIES[k][0],
+                                     (f"{selection.EVAL_CATEGORIES[k][1]} ({format_value(counts.get(k))}): "
+                                      f"{selection.EVAL_EXPLANATIONS[k]}")) for k in keys]))
         if missed is None:
             why = (f"reference mask {', '.join(missing_files)} not found" if missing_files
                    else "reference mask not on this grid" if ref_files
@@ -167,7 +168,7 @@ def _lesion_figure(anat: Path, prefix: str, output_dir: Path, images: dict, zoom
         if instances is not None:
             label_colours = {int(v): legend.get(int(c), ("#00ff00", ""))[0]
                              for v, c in _label_classes(instances, classes).items()}
-    cuts = figures.choose_cuts(outline > 0, N_CUTS, brain, zooms)
+    cuts = selection.choose_cuts(outline > 0, N_CUTS, brain, zooms)
     figure = figures.three_plane_figure(background, outline, cuts, legend, zooms, brain, title=title)
     parts.append(f"<img alt='lesions in three planes (axial, coronal, sagittal)' src='{figure}'>")
     parts.append("<p class='small'>Rows: axial, coronal, sagittal slices, chosen to cut as many different lesions "
@@ -190,11 +191,11 @@ def session_section(anat: Path, output_dir: Path | None = None) -> tuple[str, di
     if output_dir is None:  # OUTPUT/sub-X/[ses-Y/]anat
         output_dir = anat.parents[2] if anat.parent.name.startswith("ses-") else anat.parents[1]
     output_dir = Path(output_dir)
-    summaries = sorted(anat.glob("*_summary.json"))
+    summaries = find_outputs(anat, "summary")
     if not summaries:
         return "", {}
     summary = json.loads(summaries[0].read_text())
-    prefix = summaries[0].name[: -len("_summary.json")]
+    prefix = session_prefix(summaries[0])
     title = summary["participant_id"] + (f" / {summary['session_id']}" if summary.get("session_id") else "")
     parts = [f"<h2>{esc(title)}</h2>"]
     flags = summary.get("qc_flags", [])
@@ -227,20 +228,20 @@ def session_section(anat: Path, output_dir: Path | None = None) -> tuple[str, di
 
     # images (RAS+)
     images, zooms = {}, (1.0, 1.0, 1.0)
-    for f in sorted(anat.glob(f"{prefix}*desc-preproc_*.nii.gz")):
+    for f in find_outputs(anat, "preproc"):
         data, zooms = _load(f, zooms=True)
         images[f.name.split("_")[-1].replace(".nii.gz", "")] = data.astype(np.float32)
-    classes = _load(anat / f"{prefix}_desc-lesions_dseg.nii.gz")
-    instances = _load(anat / f"{prefix}_desc-instances_dseg.nii.gz")
+    classes = _load(output_path(anat, prefix, "class_dseg"))
+    instances = _load(output_path(anat, prefix, "instance_dseg"))
     instances = instances.astype(np.int32) if instances is not None else None
-    brain = _load(anat / f"{prefix}_desc-brain_mask.nii.gz")
+    brain = _load(output_path(anat, prefix, "brain_mask"))
     brain = brain > 0 if brain is not None else None
     class_names = {}
-    lut = anat / f"{prefix}_desc-lesions_dseg.tsv"
+    lut = sidecar_path(output_path(anat, prefix, "class_dseg"), ".tsv")
     if lut.is_file():
         t = pd.read_csv(lut, sep="\t")
         class_names = {int(r["index"]): str(r["abbreviation"]) for _, r in t.iterrows()}
-    table_path = anat / f"{prefix}_lesions.tsv"
+    table_path = output_path(anat, prefix, "lesion_table")
     lesion_table = pd.read_csv(table_path, sep="\t", na_values=["n/a"], keep_default_na=False) \
         if table_path.is_file() else None
     label_colours: dict[int, str] = {}
@@ -251,7 +252,7 @@ def session_section(anat: Path, output_dir: Path | None = None) -> tuple[str, di
                                                            instances, brain, class_names, lesion_table, summary)
         parts.extend(figure_parts)
         slices = cuts["axial"]
-        probs = [_load(p) for p in sorted(anat.glob(f"{prefix}_label-*_probseg.nii.gz")) if "desc-member" not in p.name]
+        probs = [_load(p) for p in find_outputs(anat, "probseg")]
         if probs:
             lesion_prob = np.sum([p.astype(np.float32) for p in probs], axis=0)
             threshold = summary.get("parameters", {}).get("Threshold")
@@ -260,7 +261,7 @@ def session_section(anat: Path, output_dir: Path | None = None) -> tuple[str, di
                                          vmin=0, vmax=1, threshold=0.05, brain=brain, zooms=zooms)
             parts.append(f"<img alt='probability' src='{uri}'>")
         for measure in ("mi", "eoe"):
-            path = anat / f"{prefix}_desc-{measure}_uncertainty.nii.gz"
+            path = output_path(anat, prefix, "voxel_uncertainty", desc=measure)
             if path.is_file():
                 u = _load(path).astype(np.float32)
                 label = {"mi": "mutual information (epistemic)", "eoe": "entropy of the expected (total)"}[measure]
@@ -291,12 +292,12 @@ def session_section(anat: Path, output_dir: Path | None = None) -> tuple[str, di
 
 def _uncertain_lesions(anat: Path, prefix: str, lesion_table, images: dict, instances: np.ndarray, zooms,
                        summary: dict, label_colours: dict[int, str]) -> list[str]:
-    from bids_app.reports import figures
+    from bids_app.reports import figures, selection
 
     voxel_mm3 = float(np.prod(zooms))
     min_voxels = summary.get("parameters", {}).get("MinLesionSizeVoxels") or 0
-    floor = max(figures.MIN_CROP_VOLUME_MM3, float(min_voxels) * voxel_mm3)
-    top = figures.choose_uncertain_lesions(lesion_table, N_UNCERTAIN_LESIONS, floor)
+    floor = max(selection.MIN_CROP_VOLUME_MM3, float(min_voxels) * voxel_mm3)
+    top = selection.choose_uncertain_lesions(lesion_table, N_UNCERTAIN_LESIONS, floor)
     small = int((lesion_table["volume_mm3"].astype(float) < floor).sum())
     head = (f"<h3>The {len(top)} most uncertain lesions (LSU) of at least {floor:.0f} mm³</h3>"
             f"<p class='small'>{small} smaller lesion(s) left out: at this size the score mostly measures where "
@@ -305,14 +306,14 @@ def _uncertain_lesions(anat: Path, prefix: str, lesion_table, images: dict, inst
     if not len(top):
         return [head, "<p>No lesion reaches the size floor.</p>"]
     overlays = {}
-    for f in sorted(anat.glob(f"{prefix}_desc-*_saliency.nii.gz"))[:2]:
+    for f in find_outputs(anat, "saliency")[:2]:
         overlays[f.name.split("desc-")[1].split("_")[0]] = _load(f).astype(np.float32)
     rows = []
     for _, r in top.iterrows():
         extra = [str(r["class"]) if "class" in r and isinstance(r["class"], str) else ""]
         if "lesion_type" in r and isinstance(r["lesion_type"], str):
             extra.append(r["lesion_type"])
-        rows.append((int(r["label"]), figures.crop_title(int(r["label"]), float(r["volume_mm3"]), "LSU",
+        rows.append((int(r["label"]), selection.crop_title(int(r["label"]), float(r["volume_mm3"]), "LSU",
                                                           float(r["LSU"]), extra)))
     ordered = dict(sorted(images.items(), key=lambda item: item[0] != "FLAIR"))  # FLAIR first (shown bare too)
     uri = figures.lesion_crops(ordered, instances, rows, overlays, zooms=zooms, colours=label_colours)

@@ -9,7 +9,7 @@ Workflow Graph (per session)::
 
 Nodes only wire: every computation lives in :mod:`bids_app.core` behind a thin interface.
 All derivatives of a session go through a single sink (``ds_session``) that writes them all
-or none (:func:`bids_app.bids.derivatives.commit_records`), so a session that fails anywhere
+or none (:func:`bids_app.bids.commit.commit_records`), so a session that fails anywhere
 leaves nothing half-written, and a re-run with the same work directory resumes from the
 nodes that finished (Nipype's hashed cache).
 """
