@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.model.models import load_members, resolve_model, select_members
+    from bids_app.model.ensemble import load_ensemble
+    from bids_app.model.resolve import resolve_model, select_members
 
     tmp = None
     model_dir = args.model
@@ -119,12 +119,7 @@ def main(argv=None) -> int:
         model_dir = build_tiny_model(tmp.name, n_members=3, iterations=60)
     model = resolve_model(str(model_dir))
     folds = select_members(model, args.folds)
-    members = load_members(model, folds)
-    trainer = Path(model.trainer_dir) if hasattr(model, "trainer_dir") else Path(model_dir)
-    predictor = EnsemblePredictor(json.loads((trainer / "plans.json").read_text()),
-                                  json.loads((trainer / "dataset.json").read_text()),
-                                  [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members],
-                                  tta=False, num_threads=args.threads)
+    predictor = load_ensemble(model, folds, tta=False, num_threads=args.threads).predictor
     channel_names = [predictor.dataset_json["channel_names"][k] for k in sorted(predictor.dataset_json["channel_names"],
                                                                                 key=int)]
     spacing = np.asarray(predictor.configuration_manager.spacing, float)

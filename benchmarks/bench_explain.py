@@ -258,14 +258,10 @@ def print_cam_table(tab, title):
 
 def tiny_networks(model_dir, folds, member_weights=None):
     """Member networks, network spacing and patch of an nnU-Net trained-model folder."""
-    from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.model.models import load_members, resolve_model
+    from bids_app.model.ensemble import load_ensemble
+    from bids_app.model.resolve import resolve_model
 
-    model = resolve_model(str(model_dir))
-    members = load_members(model, list(folds))
-    pred = EnsemblePredictor(json.loads((Path(model_dir) / "plans.json").read_text()),
-                             json.loads((Path(model_dir) / "dataset.json").read_text()),
-                             [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members], tta=False)
+    pred = load_ensemble(resolve_model(str(model_dir)), list(folds), tta=False).predictor
     nets, names = E.member_networks(pred)
     if member_weights:
         import torch

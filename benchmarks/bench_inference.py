@@ -100,7 +100,7 @@ def run_msxplain(trainer_dir: Path, inputs: list[Path], out: Path, members: int,
     import torch
 
     from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.model.models import load_checkpoint
+    from bids_app.model.checkpoints import load_checkpoint
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

@@ -12,15 +12,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from bids_app.model.models import (
-    CARD_NAME,
-    check_consistency,
-    extract_model_archive,
-    find_trainer_dirs,
-    resolve_model,
-    select_members,
-    verify_members,
-)
+from bids_app.model.archive import extract_model_archive
+from bids_app.model.card import CARD_NAME
+from bids_app.model.resolve import check_consistency, find_trainer_dirs, resolve_model, select_members, verify_members
 
 archive, dest = Path(sys.argv[1]), Path(sys.argv[2])
 card_url = sys.argv[3] if len(sys.argv) > 3 else ""

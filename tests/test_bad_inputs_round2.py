@@ -26,7 +26,7 @@ from bids_app.core.explain import SaliencyStore
 from bids_app.core.imageio import Image
 from bids_app.core.lesions import features as F
 from bids_app.errors import UsageError
-from bids_app.model.models import ModelCard
+from bids_app.model.card import ModelCard
 from bids_app.testing import make_bids, make_case, run_cli, write_nifti
 
 

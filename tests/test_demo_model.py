@@ -16,7 +16,8 @@ SHARED = shared_data_dir()
 
 
 def test_card_checksums_and_contents():
-    from bids_app.model.models import check_consistency, resolve_model, select_members, sha256_file, verify_members
+    from bids_app.model.card import sha256_file
+    from bids_app.model.resolve import check_consistency, resolve_model, select_members, verify_members
 
     model = resolve_model("demo")
     card = model.card
@@ -38,7 +39,7 @@ def test_bundled_refiner_is_verified_and_sets_the_explain_defaults():
 
     from bids_app.app.plan import explain_config
     from bids_app.core.saliency_radiomics import N_FEATURES, check_refiner
-    from bids_app.model.models import model_refiner, resolve_model
+    from bids_app.model.resolve import model_refiner, resolve_model
 
     model = resolve_model("demo")
     path = model_refiner(model)  # checksum against the card
@@ -58,8 +59,8 @@ def test_demo_model_segments_a_synthetic_subject():
     from bids_app.core.imageio import Image
     from bids_app.core.metrics.evaluation import lesion_detection
     from bids_app.core.postprocess import segment_lesions
-    from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.model.models import load_members, resolve_model
+    from bids_app.model.ensemble import load_ensemble
+    from bids_app.model.resolve import resolve_model
     from bids_app.synth import generate_subject, sample_site
     from bids_app.training.dataset import conform_case
 
@@ -69,10 +70,7 @@ def test_demo_model_segments_a_synthetic_subject():
                                lesion_dir=lesions)
     stack, labels, affine = conform_case([subject.t1w, subject.flair], 0, subject.lesion_dseg)
     model = resolve_model("demo")
-    members = load_members(model, list(model.card.members))
-    predictor = EnsemblePredictor(json.loads((model.trainer_dir / "plans.json").read_text()),
-                                  json.loads((model.trainer_dir / "dataset.json").read_text()),
-                                  [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members], tta=False)
+    predictor = load_ensemble(model, list(model.card.members), tta=False).predictor
     probs = predictor.predict(stack, Image(stack[0], affine).zooms)
     card = model.card
     seg = segment_lesions(probs.mean(0), card.lesion_indices, card.threshold, card.min_lesion_size, card.connectivity)

@@ -9,7 +9,7 @@ import pytest
 
 from bids_app.bids.discovery import collect_session, discover, list_sessions, open_layout
 from bids_app.errors import BadInputData, BIDSValidationError, MissingInput, NoMatchingInputs, UsageError
-from bids_app.model.models import ModelCard
+from bids_app.model.card import ModelCard
 from bids_app.testing import need_shared
 
 T1 = {"index": 0, "name": "T1w", "queries": [{"suffix": "UNIT1"}, {"suffix": "T1w"}]}

@@ -119,20 +119,15 @@ def test_progress_line_on_a_terminal_is_rewritten_in_place():
 
 
 def test_predictor_reports_every_tile_of_every_member(tiny_model):
-    import json
-
     import numpy as np
 
-    from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.model.models import load_members, resolve_model
+    from bids_app.model.ensemble import load_ensemble
+    from bids_app.model.resolve import resolve_model
     from bids_app.testing import make_case
 
     model = resolve_model(str(tiny_model))
-    members = load_members(model, list(model.card.members))
-    predictor = EnsemblePredictor(json.loads((model.trainer_dir / "plans.json").read_text()),
-                                  json.loads((model.trainer_dir / "dataset.json").read_text()),
-                                  [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members],
-                                  configuration=model.card.configuration, device="cpu", tta=False)
+    ensemble = load_ensemble(model, list(model.card.members), device="cpu", tta=False)
+    predictor, members = ensemble.predictor, ensemble.members
     image, _ = make_case(3)
     calls = []
     with_progress = predictor.predict(image, (2.0, 2.0, 2.0), progress=lambda *a: calls.append(a))
@@ -179,7 +174,7 @@ def test_participant_run_prints_progress_and_keeps_a_text_log(tiny_model, tmp_pa
 # model names before folders
 # ---------------------------------------------------------------------------------------------
 def test_a_folder_named_like_a_model_does_not_shadow_it(tmp_path, monkeypatch):
-    from bids_app.model.models import BUNDLED_MODELS_DIR, resolve_model
+    from bids_app.model.resolve import BUNDLED_MODELS_DIR, resolve_model
 
     (tmp_path / "demo" / "bids").mkdir(parents=True)  # what an earlier demo run left behind
     monkeypatch.chdir(tmp_path)
@@ -189,7 +184,7 @@ def test_a_folder_named_like_a_model_does_not_shadow_it(tmp_path, monkeypatch):
 
 
 def test_a_bare_folder_name_that_is_no_model_is_still_a_folder(tiny_model, tmp_path, monkeypatch):
-    from bids_app.model.models import resolve_model
+    from bids_app.model.resolve import resolve_model
 
     shutil.copytree(tiny_model, tmp_path / "mymodel")
     monkeypatch.chdir(tmp_path)

@@ -18,17 +18,10 @@ import pytest
 
 from bids_app.core.segment import EnsemblePredictor, MemberInput, build_network
 from bids_app.errors import BadInputData
-from bids_app.model.models import (
-    CARD_NAME,
-    MODEL_FILES,
-    ModelCard,
-    check_consistency,
-    load_members,
-    model_provenance,
-    pin_model_files,
-    resolve_model,
-    verify_members,
-)
+from bids_app.model.card import CARD_NAME, MODEL_FILES, ModelCard, pin_model_files
+from bids_app.model.checkpoints import load_member_weights
+from bids_app.model.provenance import model_provenance
+from bids_app.model.resolve import check_consistency, resolve_model, verify_members
 from bids_app.model.safety import LAYER_CLASSES, NETWORK_CLASSES, check_dataset_json, check_plans, import_allowed
 from bids_app.testing import make_bids, run_cli
 
@@ -283,7 +276,7 @@ def test_tampered_plans_or_dataset_json_is_refused(model_copy, name):
     with pytest.raises(BadInputData, match=f"Checksum mismatch for {name}"):
         check_consistency(model)
     with pytest.raises(BadInputData, match=f"Checksum mismatch for {name}"):
-        load_members(model, ["0"])  # what each prediction node calls
+        load_member_weights(model, ["0"])  # what each prediction node calls
 
 
 def test_tampered_plans_json_exits_65_before_processing(model_copy, tmp_path, capsys):
@@ -310,7 +303,7 @@ def test_legacy_card_without_pins_warns_and_runs(model_copy, caplog):
     del card["files"]
     (model_copy / CARD_NAME).write_text(json.dumps(card))
     model = resolve_model(str(model_copy))
-    with caplog.at_level(logging.WARNING, logger="bids_app.model.models"):
+    with caplog.at_level(logging.WARNING, logger="bids_app.model.resolve"):
         check_consistency(model)
     assert "pins no SHA-256 for plans.json and dataset.json" in caplog.text
     assert verify_members(model, ["0"])

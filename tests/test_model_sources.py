@@ -186,8 +186,10 @@ def cache_left(tmp_path: Path) -> list[str]:
 
 
 def test_pull_by_doi_then_by_zenodo_id_uses_one_cache_entry(zenodo, export, tmp_path):
-    from bids_app.model.models import load_members, model_provenance, resolve_model
-    from bids_app.model.sources import source_of
+    from bids_app.model.cache import source_of
+    from bids_app.model.checkpoints import load_member_weights
+    from bids_app.model.provenance import model_provenance
+    from bids_app.model.resolve import resolve_model
 
     data, marker = export
     model = resolve_model("doi:10.5281/zenodo.1001")
@@ -205,7 +207,7 @@ def test_pull_by_doi_then_by_zenodo_id_uses_one_cache_entry(zenodo, export, tmp_
     again = resolve_model("zenodo:1001")  # same record: the cache, no request at all
     assert again.trainer_dir == model.trainer_dir
     assert len(zenodo.requests) == 2  # the record and the file, once
-    load_members(again, ["0"])  # weights-only; postprocessing.pkl is never read
+    load_member_weights(again, ["0"])  # weights-only; postprocessing.pkl is never read
     assert not marker.exists()
     assert not list((cache_dir(tmp_path) / ".downloads").iterdir())  # no partial left
 
@@ -230,7 +232,7 @@ def test_pull_command_reads_the_invenio_rdm_form_and_reuses_the_cache_offline(ze
 
 
 def test_a_dropped_connection_resumes_with_a_range_request(zenodo, export, tmp_path, capsys):
-    from bids_app.model.models import resolve_model
+    from bids_app.model.resolve import resolve_model
 
     data, _ = export
     key = "Dataset990_MsxplainTiny.zip"
@@ -246,7 +248,7 @@ def test_a_dropped_connection_resumes_with_a_range_request(zenodo, export, tmp_p
     model = resolve_model("zenodo:1001")
     assert zenodo.file_requests(key) == [None, f"bytes={half}-"]
     assert model.card.id == "msxplain-tiny-test" and not part.exists()
-    from bids_app.model.sources import source_of
+    from bids_app.model.cache import source_of
 
     assert source_of(model.trainer_dir)["sha256"] == hashlib.sha256(data).hexdigest()
 
@@ -299,7 +301,7 @@ def test_not_found_and_timeout_have_clear_messages(zenodo, export, tmp_path, mon
 
 
 def test_a_record_with_several_zips_needs_a_file_name(zenodo, export, tmp_path, capsys):
-    from bids_app.model.models import resolve_model
+    from bids_app.model.resolve import resolve_model
 
     data, _ = export
     zenodo.add_record("1008", {"a.zip": data, "b.zip": data})
@@ -311,12 +313,12 @@ def test_a_record_with_several_zips_needs_a_file_name(zenodo, export, tmp_path, 
 
 
 def test_urls_https_only_except_loopback(zenodo, tmp_path, capsys):
-    from bids_app.model.models import resolve_model
+    from bids_app.model.resolve import resolve_model
 
     assert tools_main(["models", "pull", "http://example.org/model.zip"]) == UsageError.exit_code
     assert "only https://" in capsys.readouterr().err
     model = resolve_model(f"{zenodo.base}/files/Dataset990_MsxplainTiny.zip")  # a direct URL
-    from bids_app.model.sources import source_of
+    from bids_app.model.cache import source_of
 
     record = source_of(model.trainer_dir)
     assert record["kind"] == "url" and record["checked_against"] == "size only"
@@ -324,7 +326,7 @@ def test_urls_https_only_except_loopback(zenodo, tmp_path, capsys):
 
 
 def test_two_concurrent_pulls_end_with_one_intact_entry(zenodo, tmp_path):
-    from bids_app.model.models import resolve_model, verify_members
+    from bids_app.model.resolve import resolve_model, verify_members
 
     zenodo.delay = 0.5  # both pulls are under way before the file comes
     results, errors = [], []
@@ -351,8 +353,10 @@ def test_two_concurrent_pulls_end_with_one_intact_entry(zenodo, tmp_path):
 
 def test_a_registry_entry_pins_the_sha256_and_ships_the_card(zenodo, export, tiny_model, tmp_path, monkeypatch,
                                                             capsys):
-    from bids_app.model import sources as model_sources
-    from bids_app.model.models import CARD_NAME, resolve_model
+    from bids_app.model import cache as model_cache
+    from bids_app.model import registry as model_registry
+    from bids_app.model.card import CARD_NAME
+    from bids_app.model.resolve import resolve_model
 
     data, _ = export
     buf = io.BytesIO()  # the export without a card: the registry's card is used
@@ -374,11 +378,11 @@ def test_a_registry_entry_pins_the_sha256_and_ships_the_card(zenodo, export, tin
         "tiny-badpin-cached": {"title": "tiny", "source": "zenodo:1010", "file": "Dataset990_MsxplainTiny.zip",
                                "sha256": "0" * 64}}}
     (tmp_path / "registry.json").write_text(json.dumps(registry))
-    monkeypatch.setattr(model_sources, "REGISTRY_FILE", tmp_path / "registry.json")
+    monkeypatch.setattr(model_registry, "REGISTRY_FILE", tmp_path / "registry.json")
 
     model = resolve_model("tiny")
     assert model.card.id == "tiny-from-registry"
-    record = model_sources.source_of(model.trainer_dir)
+    record = model_cache.source_of(model.trainer_dir)
     assert record["registry_name"] == "tiny" and record["checked_against"] == "registry sha256"
     assert tools_main(["models", "pull", "tiny-badpin"]) == BadInputData.exit_code
     assert "SHA-256 mismatch" in capsys.readouterr().err
@@ -392,21 +396,21 @@ def test_a_registry_entry_pins_the_sha256_and_ships_the_card(zenodo, export, tin
 
 
 def test_the_shipped_registry_is_valid_and_demo_is_bundled():
-    from bids_app.model.models import BUNDLED_MODELS_DIR, resolve_model
-    from bids_app.model.sources import load_registry, remote_source
+    from bids_app.model.registry import load_registry, remote_source
+    from bids_app.model.resolve import BUNDLED_MODELS_DIR, resolve_model
 
     registry = load_registry()
     assert registry["demo"].bundled and registry["demo"].card_file().is_file()
     assert remote_source("demo") is None
     model = resolve_model("demo")
     assert model.trainer_dir.is_relative_to(BUNDLED_MODELS_DIR)
-    from bids_app.model.models import model_provenance
+    from bids_app.model.provenance import model_provenance
 
     assert model_provenance(model, ["0"])["Source"] == {"Kind": "bundled"}
 
 
 def test_models_offline_ignores_templateflow_home(monkeypatch):
-    from bids_app.model.sources import models_offline
+    from bids_app.model.download import models_offline
 
     monkeypatch.setenv("TEMPLATEFLOW_HOME", "/tmp")
     monkeypatch.delenv("MSXPLAIN_OFFLINE", raising=False)

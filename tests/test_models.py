@@ -13,16 +13,10 @@ import pytest
 import torch
 
 from bids_app.errors import BadInputData, MissingInput
-from bids_app.model.models import (
-    CARD_NAME,
-    MODELS_PATH_ENV,
-    extract_model_archive,
-    load_checkpoint,
-    load_members,
-    resolve_model,
-    sha256_file,
-    verify_members,
-)
+from bids_app.model.archive import extract_model_archive
+from bids_app.model.card import CARD_NAME, sha256_file
+from bids_app.model.checkpoints import load_checkpoint, load_member_weights
+from bids_app.model.resolve import MODELS_PATH_ENV, resolve_model, verify_members
 
 
 @pytest.fixture
@@ -70,7 +64,7 @@ def test_checksum_mismatch_is_refused_before_loading(model_copy):
     ckpt.write_bytes(ckpt.read_bytes()[:-10] + b"0123456789")
     model = resolve_model(str(model_copy))
     with pytest.raises(BadInputData, match="Checksum mismatch for fold_1"):
-        load_members(model, ["0", "1"])
+        load_member_weights(model, ["0", "1"])
 
 
 def test_missing_fold(model_copy):
@@ -178,7 +172,8 @@ def test_real_nnunet_checkpoint_globals_are_allowed(tiny_model, tmp_path):
 def test_bundled_refiner_is_checksum_verified(model_copy):
     import json
 
-    from bids_app.model.models import model_refiner, sha256_file
+    from bids_app.model.card import sha256_file
+    from bids_app.model.resolve import model_refiner
 
     assert model_refiner(resolve_model(str(model_copy))) is None  # the card names none
     refiner = model_copy / "refiner.json"

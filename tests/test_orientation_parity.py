@@ -21,16 +21,9 @@ import torch
 from nibabel import orientations as nio
 
 from bids_app.errors import BadInputData, UsageError
-from bids_app.model.models import (
-    CARD_NAME,
-    ModelCard,
-    infer_card,
-    input_orientation_rule,
-    pin_model_files,
-    resolve_input_orientation,
-    resolve_model,
-    sha256_file,
-)
+from bids_app.model.card import CARD_NAME, ModelCard, infer_card, pin_model_files, sha256_file
+from bids_app.model.orientation import input_orientation_rule
+from bids_app.model.resolve import resolve_input_orientation, resolve_model
 from bids_app.training.plans import make_plans
 
 #: stored orientations of the test files: RAS, two flips, and a sagittal storage (axes permuted)
@@ -122,7 +115,7 @@ def _msxplain(trainer_dir: Path, image: Path, tta: bool, tmp: Path, mode: str = 
     channels = _save(tmp / "channels.nii.gz", data[..., None], img.affine)
     mask = _save(tmp / "mask.nii.gz", (data != 0).astype(np.uint8), img.affine)
     node = PredictLesions(channels_file=str(channels), mask_file=str(mask), model_dir=str(trainer_dir),
-                          folds=["0"], device="cpu", tta=tta, num_threads=2, skull_strip=False,
+                          folds=["0"], device="cpu", tta=tta, num_threads=2, skull_stripped_input=False,
                           input_orientation=mode)
     result = node.run(cwd=str(tmp))
     probs = np.load(result.outputs.member_probs_file)
@@ -214,7 +207,7 @@ def test_explanations_land_on_the_stored_voxels(models, tmp_path):
         node = ExplainLesions(channels_file=str(channels), channel_names=["FLAIR"], mask_file=str(mask),
                               instances_file=str(inst_file), lesions_file=str(work / "lesions.json"),
                               model_dir=str(models["SimpleITKIO"]), folds=["0"], device="cpu", num_threads=2,
-                              skull_strip=False, input_orientation=mode,
+                              skull_stripped_input=False, input_orientation=mode,
                               explain_config={"n_samples": 2, "max_groups": 2, "margin_mm": 4.0},
                               sources=[str(channels)])
         result = node.run(cwd=str(work))

@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from bids_app.core.segment import EnsemblePredictor, MemberInput, build_network, resolve_device
+from bids_app.core.segment import build_network, resolve_device
 from bids_app.errors import BadInputData, UsageError
-from bids_app.model.models import load_members, resolve_model, select_members
+from bids_app.model.ensemble import load_ensemble
+from bids_app.model.resolve import resolve_model, select_members
 from bids_app.testing import make_case
 
 
-def _predictor(trainer_dir, folds, tta=True):
-    model = resolve_model(str(trainer_dir))
-    members = load_members(model, folds)
-    return EnsemblePredictor(
-        json.loads((trainer_dir / "plans.json").read_text()), json.loads((trainer_dir / "dataset.json").read_text()),
-        [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members], tta=tta, num_threads=2)
+def _predictor(trainer_dir, members, tta=True):
+    return load_ensemble(resolve_model(str(trainer_dir)), members, tta=tta, num_threads=2).predictor
 
 
 @pytest.mark.parametrize("fold, tta", [("1", True), ("2", False)])

@@ -31,7 +31,7 @@ def run_participant(config, log=None) -> int:
     from bids_app.bids.commit import remove_stale_staging
     from bids_app.bids.derivatives import dataset_authors, write_dataset_files
     from bids_app.bids.discovery import discover, open_layout
-    from bids_app.model.models import check_consistency, resolve_model, select_members, verify_members
+    from bids_app.model.resolve import check_consistency, resolve_model, select_members, verify_members
     from bids_app.workflows.base import init_msxplain_wf
 
     ex = config.execution

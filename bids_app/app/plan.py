@@ -27,7 +27,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     Parameters
     ----------
     config : bids_app.app.config.Config
-    model : bids_app.model.models.ResolvedModel
+    model : bids_app.model.resolve.ResolvedModel
         The resolved model (card, trainer folder).
     digests : dict
         SHA-256 of the verified member files (recorded as the model's provenance).
@@ -43,12 +43,9 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     """
     from bids_app.bids.derivatives import atomic_write_text, dumps_json
     from bids_app.core.segment import resolve_device
-    from bids_app.model.models import (
-        CARD_NAME,
-        model_provenance,
-        resolve_input_orientation,
-        select_members,
-    )
+    from bids_app.model.card import CARD_NAME
+    from bids_app.model.provenance import model_provenance
+    from bids_app.model.resolve import resolve_input_orientation, select_members
     from bids_app.workflows.base import PipelineSettings
 
     card = model.card
@@ -145,7 +142,7 @@ def _feature_templates(outputs) -> dict[str, Path] | None:
 
 def _refiner_file(outputs, model) -> Path | None:
     """The saliency refiner of the run: ``--refiner FILE``, else the model's own (``--refiner none``: none)."""
-    from bids_app.model.models import model_refiner
+    from bids_app.model.resolve import model_refiner
 
     refiner_file = None
     if outputs.refiner and outputs.refiner != "none":

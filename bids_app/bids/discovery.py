@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_app.errors import BadInputData, BIDSValidationError, MissingInput, MsxplainError, NoMatchingInputs, UsageError
-from bids_app.model.models import ModelCard
+from bids_app.model.card import ModelCard
 
 LOGGER = logging.getLogger("bids_app.bids.discovery")
 
@@ -124,8 +124,8 @@ def _describe(entities: dict[str, Any], skip=("subject", "session", "suffix", "e
     return ", ".join(f"{k}={v}" for k, v in sorted(entities.items()) if k not in skip) or "no other entities"
 
 
-def select_channel(layout, card_channel, subject: str, session: str | None,
-                   user_filter: dict[str, Any] | None) -> SelectedFile | None:
+def select_channel_file(layout, card_channel, subject: str, session: str | None,
+                        user_filter: dict[str, Any] | None) -> SelectedFile | None:
     """Choose the image of one channel for one session (see the module docstring).
 
     Returns None when nothing matches.
@@ -304,12 +304,12 @@ def collect_session(layout, card: ModelCard, subject: str, session: str | None,
     filters = {k.lower(): v for k, v in (bids_filters or {}).items()}
     selected: list[SelectedFile | None] = []
     for channel in card.channels:
-        selected.append(select_channel(layout, channel, subject, session, filters.get(channel.name.lower())))
+        selected.append(select_channel_file(layout, channel, subject, session, filters.get(channel.name.lower())))
     label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
     if all(s is None for s in selected):
         # nothing of ours here at all; but a filter that removes everything must be reported
         if filters:
-            unfiltered = [select_channel(layout, c, subject, session, None) for c in card.channels]
+            unfiltered = [select_channel_file(layout, c, subject, session, None) for c in card.channels]
             if any(u is not None for u in unfiltered):
                 raise NoMatchingInputs(f"The --bids-filter-file selects no image of {label}.",
                                        hint="loosen the filters; they are applied on top of the model's queries.")
@@ -317,7 +317,7 @@ def collect_session(layout, card: ModelCard, subject: str, session: str | None,
     for channel, sel in zip(card.channels, selected):
         if sel is None and channel.required:
             if filters.get(channel.name.lower()):
-                if select_channel(layout, channel, subject, session, None) is not None:
+                if select_channel_file(layout, channel, subject, session, None) is not None:
                     raise NoMatchingInputs(f"The --bids-filter-file entry '{channel.name.lower()}' selects no image "
                                            f"of {label}.", hint="loosen that filter.")
             hint = _mp2rage_hint(layout, subject, session) if channel.name.lower() in ("t1w", "unit1", "mp2rage") \

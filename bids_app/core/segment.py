@@ -123,7 +123,7 @@ def build_network(plans: dict, configuration: str, n_input_channels: int, n_outp
 
 @dataclass(frozen=True)
 class MemberInput:
-    """The weights of one ensemble member (see :func:`bids_app.model.models.load_members`)."""
+    """The weights of one ensemble member (see :func:`bids_app.model.checkpoints.load_member_weights`)."""
 
     fold: str
     state_dict: dict

@@ -96,14 +96,15 @@ class ExplainLesions(SimpleInterface):
         from bids_app.core.imageio import save_image
         from bids_app.formats.lesion_table import write_fragment
         from bids_app.formats.saliency_store import save_store
-        from bids_app.interfaces.segment import load_ensemble, network_channels
-        from bids_app.model.models import resolve_input_orientation
+        from bids_app.interfaces.segment import network_channels, node_model
+        from bids_app.model.ensemble import load_ensemble
+        from bids_app.model.resolve import resolve_input_orientation
 
         start = time.perf_counter()
         names = list(self.inputs.channel_names)
-        model, _, _, predictor = load_ensemble(self.inputs.model_dir, self.inputs.card_file,
-                                               list(self.inputs.folds), self.inputs.device, False,
-                                               self.inputs.num_threads)
+        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file), list(self.inputs.folds),
+                                 device=self.inputs.device, tta=False, num_threads=self.inputs.num_threads)
+        model, predictor = ensemble.model, ensemble.predictor
         orientation, _ = resolve_input_orientation(model, self.inputs.input_orientation)
         img = nib.load(self.inputs.channels_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0

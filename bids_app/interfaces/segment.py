@@ -56,13 +56,15 @@ class PredictLesions(SimpleInterface):
 
         from bids_app.app.progress import ProgressLine
         from bids_app.core.conform import from_canonical
-        from bids_app.model.models import model_provenance, resolve_input_orientation
+        from bids_app.model.ensemble import load_ensemble
+        from bids_app.model.provenance import model_provenance
+        from bids_app.model.resolve import resolve_input_orientation
 
         start = time.perf_counter()
-        model, card, members, predictor = load_ensemble(
-            self.inputs.model_dir, self.inputs.card_file, list(self.inputs.folds), self.inputs.device,
-            self.inputs.tta, self.inputs.num_threads)
-        folds = list(self.inputs.folds)
+        members = list(self.inputs.folds)
+        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file), members,
+                                 device=self.inputs.device, tta=self.inputs.tta, num_threads=self.inputs.num_threads)
+        model, predictor = ensemble.model, ensemble.predictor
         device = predictor.device
         orientation, orientation_reason = resolve_input_orientation(model, self.inputs.input_orientation)
         img = nib.load(self.inputs.channels_file)
@@ -87,8 +89,8 @@ class PredictLesions(SimpleInterface):
         out = os.path.abspath("member_probs.npy")
         np.save(out, probs)
         info = {"inference": {
-            "model": model_provenance(model, folds, {m.fold: m.sha256 for m in members}),
-            "labels": {str(lab.index): lab.name for lab in card.labels},
+            "model": model_provenance(model, members, ensemble.digests),
+            "labels": {str(lab.index): lab.name for lab in model.card.labels},
             "device": str(device),
             "tta": bool(self.inputs.tta),
             "mirroring_axes": list(predictor.mirroring_axes) if predictor.mirroring_axes else None,
@@ -107,35 +109,21 @@ class PredictLesions(SimpleInterface):
         return runtime
 
 
-def load_ensemble(model_dir, card_file, folds, device, tta, num_threads):
-    """The model, its card, the verified members and an :class:`EnsemblePredictor` (shared by
-    the prediction and explanation nodes, so both run exactly the same networks).
-
-    Returns
-    -------
-    (ResolvedModel, ModelCard, list of MemberWeights, EnsemblePredictor)
-    """
+def node_model(model_dir, card_file):
+    """The model a node was given (``model_dir``, ``card_file`` traits), resolved by the one
+    rule of ``--model`` (:func:`bids_app.model.resolve.resolve_model`: the card given, else the
+    one beside the model, else an inferred one), so that the prediction and explanation nodes
+    load the same model as the run (:func:`bids_app.model.ensemble.load_ensemble`)."""
     from pathlib import Path
 
-    from bids_app.core.segment import EnsemblePredictor, MemberInput, resolve_device
-    from bids_app.model.models import load_members, resolve_model
+    from bids_app.model.resolve import resolve_model
 
-    # the one resolution rule of --model (card given, beside the model, or inferred)
-    model = resolve_model(str(model_dir), card_path=Path(card_file) if card_file else None)
-    card, trainer_dir = model.card, model.trainer_dir
-    members = load_members(model, list(folds))  # checksums are verified before unpickling
-    predictor = EnsemblePredictor(
-        json.loads((trainer_dir / "plans.json").read_text()),
-        json.loads((trainer_dir / "dataset.json").read_text()),
-        [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members],
-        configuration=card.configuration, device=resolve_device(device), tta=tta, num_threads=num_threads,
-    )
-    return model, card, members, predictor
+    return resolve_model(str(model_dir), card_path=Path(card_file) if card_file else None)
 
 
 def network_channels(channels, affine, mask=None, orientation="ras"):
     """Input channels as the network takes them: zeroed outside ``mask`` (skull-stripped
-    models), in the voxel order the model expects (:func:`~bids_app.model.models.input_orientation_rule`).
+    models), in the voxel order the model expects (:func:`~bids_app.model.orientation.input_orientation_rule`).
 
     ``ras``: reoriented to RAS+, as nnU-Net's ``NibabelIOWithReorient`` reads a file.
     ``native``: the stored voxel order of the grid (the reference image's, after conforming),

@@ -82,7 +82,7 @@ def build_tiny_model(out_dir: str | Path, n_members: int = 3, iterations: int = 
     """
     import torch
 
-    from bids_app.model.models import CARD_NAME, CARD_VERSION, pin_model_files, sha256_file
+    from bids_app.model.card import CARD_NAME, CARD_VERSION, pin_model_files, sha256_file
 
     out_dir = Path(out_dir)
     trainer_dir = out_dir / TINY_DATASET / TINY_TRAINER_DIR

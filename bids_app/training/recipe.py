@@ -231,7 +231,7 @@ def predict_cases(cfg: RecipeConfig, folds: list[str], cases: list[dict]):
     import torch
 
     from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.model.models import load_checkpoint
+    from bids_app.model.checkpoints import load_checkpoint
 
     trainer_dir = cfg.trainer_dir
     members = []
@@ -339,7 +339,8 @@ def package(cfg: RecipeConfig, kept: list[str], tuning: dict, test: dict, cases:
             hardware: dict) -> Path:
     import torch
 
-    from bids_app.model.models import CARD_NAME, CARD_VERSION, load_checkpoint, pin_model_files, sha256_file
+    from bids_app.model.card import CARD_NAME, CARD_VERSION, pin_model_files, sha256_file
+    from bids_app.model.checkpoints import load_checkpoint
 
     src = cfg.trainer_dir
     dest = cfg.out_model / cfg.dataset / src.name

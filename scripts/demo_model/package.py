@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bids_app.model.models import CARD_NAME  # noqa: E402
+from bids_app.model.card import CARD_NAME  # noqa: E402
 from bids_app.training import recipe as R  # noqa: E402
 
 

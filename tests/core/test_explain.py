@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -71,14 +69,10 @@ def _r(a, b):
 
 
 def _predictor(trainer_dir, folds=("0", "1", "2")):
-    from bids_app.core.segment import EnsemblePredictor, MemberInput
-    from bids_app.model.models import load_members, resolve_model
+    from bids_app.model.ensemble import load_ensemble
+    from bids_app.model.resolve import resolve_model
 
-    model = resolve_model(str(trainer_dir))
-    members = load_members(model, list(folds))
-    return EnsemblePredictor(
-        json.loads((trainer_dir / "plans.json").read_text()), json.loads((trainer_dir / "dataset.json").read_text()),
-        [MemberInput(m.fold, m.state_dict, m.mirroring_axes) for m in members], tta=False, num_threads=2)
+    return load_ensemble(resolve_model(str(trainer_dir)), list(folds), tta=False, num_threads=2).predictor
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,9 @@ def run(args) -> int:
 
 
 def _pull(args) -> int:
-    from bids_app.model.models import resolve_model
-    from bids_app.model.sources import remote_source, source_of
+    from bids_app.model.cache import source_of
+    from bids_app.model.registry import remote_source
+    from bids_app.model.resolve import resolve_model
 
     for spec in args.specs:
         model = resolve_model(spec)
@@ -69,8 +70,9 @@ def _pull(args) -> int:
 
 
 def _list(args) -> int:
-    from bids_app.model.models import available_model_names
-    from bids_app.model.sources import cache_entries, load_registry, models_cache
+    from bids_app.model.cache import cache_entries, models_cache
+    from bids_app.model.registry import load_registry
+    from bids_app.model.resolve import available_model_names
 
     print("registry:")
     for name, entry in load_registry().items():
@@ -86,16 +88,10 @@ def _list(args) -> int:
 
 def _info(args) -> int:
     from bids_app.errors import MissingInput
-    from bids_app.model.models import find_named_model
-    from bids_app.model.sources import (
-        cached_entry,
-        choose_file,
-        models_offline,
-        read_source_record,
-        registry_entry,
-        remote_source,
-        zenodo_record,
-    )
+    from bids_app.model.cache import cached_entry, read_source_record
+    from bids_app.model.download import choose_file, models_offline, zenodo_record
+    from bids_app.model.registry import registry_entry, remote_source
+    from bids_app.model.resolve import find_named_model
 
     spec = args.spec
     out: dict = {"spec": spec}
@@ -151,7 +147,7 @@ def _print_tree(obj, indent: int = 0) -> None:
 
 
 def _verify(args) -> int:
-    from bids_app.model.models import (
+    from bids_app.model.resolve import (
         check_consistency,
         resolve_model,
         select_members,

@@ -48,7 +48,8 @@ def run(args) -> int:
     from bids_app.core import conform
     from bids_app.core.imageio import load_image
     from bids_app.errors import NoMatchingInputs
-    from bids_app.model.models import ModelCard, resolve_model
+    from bids_app.model.card import ModelCard
+    from bids_app.model.resolve import resolve_model
     from bids_app.training.dataset import conform_case, write_case, write_dataset_json
 
     card = ModelCard.load(args.model_card) if args.model_card else resolve_model(args.model).card

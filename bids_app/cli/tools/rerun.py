@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from bids_app.bids.provenance import software_versions
     from bids_app.errors import BadInputData, MissingInput
-    from bids_app.model.models import resolve_model, verify_members
+    from bids_app.model.resolve import resolve_model, verify_members
 
     if not args.config.is_file():
         raise MissingInput("Run record not found.", path=str(args.config),

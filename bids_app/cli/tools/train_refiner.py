@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     from bids_app import __version__
     from bids_app.bids.derivatives import atomic_write_text, dumps_json
     from bids_app.core import saliency_radiomics as R
-    from bids_app.model.models import sha256_file
+    from bids_app.model.card import sha256_file
 
     if not args.inputs and not args.tables:
         raise UsageError("Nothing to train on.", hint="give --inputs DIR [DIR ...] and/or --tables TSV [TSV ...].")

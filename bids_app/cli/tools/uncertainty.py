@@ -166,7 +166,7 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray, dtype) -> None:
 
 
 def input_record(path: Path) -> dict:
-    from bids_app.model.models import sha256_file
+    from bids_app.model.card import sha256_file
 
     return {"path": str(path.resolve()), "sha256": sha256_file(path)}
 
