@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bids_app.core.metrics.evaluation import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD
 from bids_app.errors import CannotCreateOutput, MissingInput, UsageError
 
 
@@ -64,8 +65,8 @@ class PostprocessConfig:
 class OutputConfig:
     voxel_uncertainty: tuple[str, ...] = ("EoE", "ExE", "MI")
     lesion_uncertainty_maps: tuple[str, ...] = ("LSU", "mean_MI")
-    detection_method: str = "iou_adj"
-    detection_threshold: float = 0.1
+    detection_method: str = DEFAULT_METHOD
+    detection_threshold: float = DEFAULT_DETECTION_THRESHOLD
     lesion_features: bool = True
     atlas: str = "auto"
     atlas_lut: str | None = None

@@ -158,6 +158,7 @@ def _plugin_args(value: str) -> dict:
 def build_parser() -> UsageArgumentParser:
     """The ``msxplain`` argument parser."""
     from bids_app import __version__
+    from bids_app.core.metrics import evaluation as E  # the evaluation's defaults, written once there
 
     parser = UsageArgumentParser(
         prog="msxplain",
@@ -250,12 +251,13 @@ def build_parser() -> UsageArgumentParser:
                      default=["LSU", "mean_MI"],
                      help="lesion measures written as maps (each lesion painted with its value); all lesion "
                      "measures are in the lesion table anyway")
-    unc.add_argument("--detection-method", dest="detection_method", choices=("iou_adj", "iou", "non_zero"),
-                     default="iou_adj", help="lesion-wise detection rule of the evaluation")
+    unc.add_argument("--detection-method", dest="detection_method", choices=E.DETECTION_METHODS,
+                     default=E.DEFAULT_METHOD, help="lesion-wise detection rule of the evaluation")
     unc.add_argument("--in-domain-sites", dest="in_domain_sites", nargs="+", metavar="SITE",
                      help="group level: sites the model was trained on (the others are reported as "
                      "out-of-domain)")
-    unc.add_argument("--detection-threshold", dest="detection_threshold", type=probability, default=0.1,
+    unc.add_argument("--detection-threshold", dest="detection_threshold", type=probability,
+                     default=E.DEFAULT_DETECTION_THRESHOLD,
                      metavar="T", help="IoU threshold of a detected lesion (evaluation)")
 
     feat = parser.add_argument_group("Lesion features")

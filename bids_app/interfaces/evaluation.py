@@ -13,6 +13,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_app.core.metrics.evaluation import DEFAULT_DETECTION_THRESHOLD, DEFAULT_NDSC_R, DETECTION_METHODS
+
 
 class _EvaluateSessionInputSpec(BaseInterfaceInputSpec):
     instances_file = File(exists=True, mandatory=True, desc="lesion instance map (desc-instances dseg)")
@@ -25,10 +27,11 @@ class _EvaluateSessionInputSpec(BaseInterfaceInputSpec):
     reference_value_map = traits.Dict(traits.Int, traits.Int, desc="dseg value -> model class index")
     label_indices = traits.List(traits.Int, mandatory=True, desc="model class indices of the lesion classes")
     label_names = traits.List(traits.Str, mandatory=True, desc="names of the lesion classes")
-    method = traits.Enum("iou_adj", "iou", "non_zero", usedefault=True, desc="lesion detection method")
-    detection_threshold = traits.Float(0.1, usedefault=True, desc="IoU threshold of a detected lesion")
+    method = traits.Enum(*DETECTION_METHODS, usedefault=True, desc="lesion detection method")
+    detection_threshold = traits.Float(DEFAULT_DETECTION_THRESHOLD, usedefault=True,
+                                       desc="IoU threshold of a detected lesion")
     connectivity = traits.Enum(6, 18, 26, mandatory=True, desc="lesion connectivity")
-    ndsc_r = traits.Float(0.001, usedefault=True, desc="reference lesion load of nDSC")
+    ndsc_r = traits.Float(DEFAULT_NDSC_R, usedefault=True, desc="reference lesion load of nDSC")
     lesion_measures = traits.List(traits.Str, ["LSU", "mean_MI", "mean_EoE"], usedefault=True,
                                   desc="lesion measures given a lesion retention curve")
     sources = traits.List(traits.Str, mandatory=True, desc="raw inputs (provenance)")

@@ -54,7 +54,8 @@ class _ExplainLesionsInputSpec(BaseInterfaceInputSpec):
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     use_gpu = traits.Bool(False, usedefault=True, desc="GPU node for Nipype's MultiProc GPU queue")
-    skull_strip = traits.Bool(True, usedefault=True, desc="zero the inputs outside the brain mask (model card)")
+    skull_stripped_input = traits.Bool(True, usedefault=True,
+                                       desc="zero the inputs outside the brain mask (the model card's)")
     input_orientation = traits.Enum("auto", "native", "ras", usedefault=True,
                                     desc="voxel order the network sees (as PredictLesions)")
     explain_config = traits.Dict(traits.Str, traits.Any, usedefault=True,
@@ -109,7 +110,7 @@ class ExplainLesions(SimpleInterface):
         img = nib.load(self.inputs.channels_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         stack, zooms, ornt = network_channels(np.asarray(img.dataobj, dtype=np.float32), img.affine,
-                                              mask if self.inputs.skull_strip else None, orientation)
+                                              mask if self.inputs.skull_stripped_input else None, orientation)
         inst_img = nib.load(self.inputs.instances_file)
         instances = np.asarray(inst_img.dataobj).astype(np.int32)
         affine = inst_img.affine

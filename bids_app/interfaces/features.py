@@ -27,7 +27,8 @@ class _LesionFeaturesInputSpec(BaseInterfaceInputSpec):
     template_wm = File(exists=True, desc="template WM probability (NAWM reference)")
     atlas_file = File(exists=True, desc="dseg atlas on the template grid (location classes), from configuration")
     atlas_lut = File(exists=True, desc="atlas lookup table: index, name, location_class")
-    skull_stripped = traits.Bool(True, usedefault=True, desc="register brain to brain (else head to head)")
+    skull_stripped_input = traits.Bool(True, usedefault=True,
+                                       desc="the model card's: register brain to brain (else head to head)")
     export_meshes = traits.Bool(False, usedefault=True, desc="write one STL surface mesh per lesion")
     sources = traits.List(traits.Str, mandatory=True, desc="raw inputs (provenance)")
 
@@ -126,7 +127,7 @@ class LesionFeatures(SimpleInterface):
         reference = load_image(self.inputs.reference_file)
         template = load_image(self.inputs.template_t1w)
         template_mask = load_image(self.inputs.template_mask, check_values=False)
-        if self.inputs.skull_stripped:
+        if self.inputs.skull_stripped_input:
             transform = register_to_template(reference, template, reference_mask=mask,
                                              template_mask=np.asarray(template_mask.data) > 0)
         else:

@@ -27,7 +27,8 @@ class _PredictLesionsInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
     use_gpu = traits.Bool(False, usedefault=True,
                           desc="marks the node as a GPU node for Nipype's MultiProc GPU queue")
-    skull_strip = traits.Bool(True, usedefault=True, desc="zero the inputs outside the brain mask (model card)")
+    skull_stripped_input = traits.Bool(True, usedefault=True,
+                                       desc="zero the inputs outside the brain mask (the model card's)")
     input_orientation = traits.Enum("auto", "native", "ras", usedefault=True,
                                     desc="voxel order the network sees: the stored one (native), RAS+ (ras), or "
                                          "the model card's / plans.json reader's (auto)")
@@ -70,7 +71,7 @@ class PredictLesions(SimpleInterface):
         img = nib.load(self.inputs.channels_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         stack, zooms, ornt = network_channels(np.asarray(img.dataobj, dtype=np.float32), img.affine,
-                                              mask if self.inputs.skull_strip else None, orientation)
+                                              mask if self.inputs.skull_stripped_input else None, orientation)
         load_seconds = time.perf_counter() - start
         t0 = time.perf_counter()
         line = ProgressLine(self.inputs.progress_label or "session", "predict")
@@ -96,7 +97,7 @@ class PredictLesions(SimpleInterface):
             "mirroring_axes": list(predictor.mirroring_axes) if predictor.mirroring_axes else None,
             "tile_step_size": predictor.tile_step_size,
             "network_spacing_mm": predictor.target_spacing,
-            "skull_stripped_for_network": bool(self.inputs.skull_strip),
+            "skull_stripped_for_network": bool(self.inputs.skull_stripped_input),
             "input_orientation": orientation,
             "input_orientation_reason": orientation_reason,
             "seconds_loading": round(load_seconds, 3),

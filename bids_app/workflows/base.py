@@ -27,6 +27,7 @@ from nipype.pipeline import engine as pe
 from bids_app.app.progress import session_label
 from bids_app.bids.discovery import SessionInputs
 from bids_app.core.explain import ExplainConfig
+from bids_app.core.metrics.evaluation import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD, DEFAULT_NDSC_R
 from bids_app.interfaces.conform import BrainMask, ConformInputs
 from bids_app.interfaces.derivatives import DerivativesSink, SessionSummary
 from bids_app.interfaces.evaluation import EvaluateSession, LesionTable
@@ -70,9 +71,9 @@ class PipelineSettings:
     member_thresholds: tuple[float, ...] = ()
     voxel_maps: tuple[str, ...] = DEFAULT_VOXEL_MAPS
     lesion_maps: tuple[str, ...] = DEFAULT_LESION_MAPS
-    detection_method: str = "iou_adj"
-    detection_threshold: float = 0.1
-    ndsc_r: float = 0.001
+    detection_method: str = DEFAULT_METHOD
+    detection_threshold: float = DEFAULT_DETECTION_THRESHOLD
+    ndsc_r: float = DEFAULT_NDSC_R
     #: session name -> bids_app.bids.discovery.ReferenceMasks (evaluation on when present)
     references: dict[str, Any] = field(default_factory=dict)
     #: lesion features (None: not computed): template files for registration, GM/WM maps, atlas
@@ -172,7 +173,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=str(settings.card_file),
                                      folds=list(settings.folds), device=settings.device, tta=settings.tta,
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
-                                     skull_strip=settings.skull_stripped_input,
+                                     skull_stripped_input=settings.skull_stripped_input,
                                      input_orientation=settings.input_orientation),
                       name="predict", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
     predict.inputs.progress_label = session_label(session.name)
@@ -217,8 +218,9 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         tpl = settings.feature_templates
         features = pe.Node(LesionFeatures(
             channel_names=[f.channel for f in session.files], template_t1w=str(tpl["t1w"]),
-            template_mask=str(tpl["mask"]), template_gm=str(tpl["gm"]), skull_stripped=settings.skull_stripped_input,
-            export_meshes=settings.export_meshes, sources=sources), name="features", mem_gb=3.0)
+            template_mask=str(tpl["mask"]), template_gm=str(tpl["gm"]),
+            skull_stripped_input=settings.skull_stripped_input, export_meshes=settings.export_meshes,
+            sources=sources), name="features", mem_gb=3.0)
         if tpl.get("wm"):
             features.inputs.template_wm = str(tpl["wm"])
         if tpl.get("atlas"):
@@ -238,7 +240,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         explain = pe.Node(ExplainLesions(
             channel_names=[f.channel for f in session.files], model_dir=str(settings.trainer_dir),
             card_file=str(settings.card_file), folds=list(settings.folds), device=settings.device,
-            num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_strip=settings.skull_stripped_input,
+            num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_stripped_input=settings.skull_stripped_input,
             input_orientation=settings.input_orientation, sources=sources,
             explain_config=dataclasses.asdict(settings.explain), max_lesions=settings.explain_max_lesions),
             name="explain", mem_gb=4.0, n_procs=1 if use_gpu else settings.omp_nthreads)
