@@ -41,7 +41,7 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 #: a label name becomes the ``label-`` entity of the outputs: BIDS labels are alphanumeric
 _BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
 #: a member name becomes the folder ``fold_<name>``: no separators, no ``..``
-_FOLD = re.compile(r"[A-Za-z0-9_-]+")
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 #: nnU-Net channel names -> BIDS queries (used only when a model has no card)
 _CHANNEL_QUERY_GUESSES: dict[str, list[dict[str, Any]]] = {
@@ -288,7 +288,7 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
         if not isinstance(m, dict) or "fold" not in m:
             raise BadInputData("Each model card member needs a 'fold'.", path=source, hint="see docs/model-card.md.")
         fold = m["fold"]
-        if not (isinstance(fold, str) or is_int(fold)) or not _FOLD.fullmatch(str(fold)):
+        if not (isinstance(fold, str) or is_int(fold)) or not _MEMBER_NAME.fullmatch(str(fold)):
             raise _card_error(source, f"members[{i}].fold", f"is {json.dumps(fold)[:60]}; expected a fold name "
                               "such as \"0\" or \"all\" (letters, digits, _ and -)")
         if str(fold) in member_sha:

@@ -158,8 +158,8 @@ def _verify(args) -> int:
     model = resolve_model(args.spec)  # offline: a remote spec must be in the cache
     check_consistency(model)
     verify_model_files(model)
-    folds = select_members(model, None)
-    verify_members(model, folds)
+    members = select_members(model, None)
+    verify_members(model, members)
     print(f"{args.spec}: {model.trainer_dir}: card {'inferred' if model.card.inferred else 'found'}, "
-          f"{len(folds)} member checkpoint(s), plans.json and dataset.json verified")
+          f"{len(members)} member checkpoint(s), plans.json and dataset.json verified")
     return 0
