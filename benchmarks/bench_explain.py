@@ -41,9 +41,15 @@ import numpy as np
 
 try:
     from bids_app.core import explain as E
+    from bids_app.core.explain import cam as explain_cam
+    from bids_app.core.explain import crops as explain_crops
+    from bids_app.core.explain import network as explain_network
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bids_app.core import explain as E
+    from bids_app.core.explain import cam as explain_cam
+    from bids_app.core.explain import crops as explain_crops
+    from bids_app.core.explain import network as explain_network
 
 CAM_LAYERS = ("encoder.stages[-1]", "decoder.stages[0]", "decoder.stages[-2]", "decoder.stages[-1]",
               "decoder.transpconvs[-1]")
@@ -175,7 +181,7 @@ def cam_table(net, data, lesions, classes, patch, device, layers=CAM_LAYERS, for
     shape = lesions.shape
     full = [int(np.ceil(s / st) * st) for s, st in zip(shape, stride)]
     box = [(0, f) for f in full]
-    x0 = E._extract(torch.as_tensor(data, dtype=torch.float32, device=device), box)[None]
+    x0 = explain_network.extract_box(torch.as_tensor(data, dtype=torch.float32, device=device), box)[None]
     les = np.pad(lesions, [(0, f - s) for f, s in zip(full, shape)])
     names = {}
     for layer in layers:
@@ -200,11 +206,11 @@ def cam_table(net, data, lesions, classes, patch, device, layers=CAM_LAYERS, for
             start = int(min(max(ctr[j] - p // 2, 0), max(full[j] - p, 0)))
             start -= start % stride[j]
             wbox.append((start, start + p))
-        stats = E._record_window_stats([pnet], x0[0], {lab: wbox}, 1 << 26, 1)[0][lab]
+        stats = explain_crops.record_window_stats([pnet], x0[0], {lab: wbox}, 1 << 26, 1)[0][lab]
         for mode in ("window", "live"):
             if mode == "window":
-                E._set_norm_mode(pnet._msx_norms, "frozen", [(m[None], v[None]) for m, v in stats])
-            store, handles = E._layer_outputs(pnet, {k: k for k in uniq.values()})
+                explain_network.set_norm_mode(pnet._msx_norms, "frozen", [(m[None], v[None]) for m, v in stats])
+            store, handles = explain_cam.layer_outputs(pnet, {k: k for k in uniq.values()})
             try:
                 x = x0.clone().requires_grad_(True)
                 with torch.enable_grad():
@@ -215,7 +221,7 @@ def cam_table(net, data, lesions, classes, patch, device, layers=CAM_LAYERS, for
             finally:
                 for h in handles:
                     h.remove()
-                E._set_norm_mode(pnet._msx_norms, "live")
+                explain_network.set_norm_mode(pnet._msx_norms, "live")
             for k, g in zip(keys, grads):
                 A = store[k].detach()
                 for f in forms:

@@ -21,8 +21,8 @@ import pytest
 
 from bids_app.bids.discovery import check_filter_keys, collect_session, open_layout
 from bids_app.core import conform
-from bids_app.core import saliency_radiomics as R
 from bids_app.core.explain import SaliencyStore
+from bids_app.core.explain import refiner as R
 from bids_app.core.imageio import Image
 from bids_app.core.lesions import features as F
 from bids_app.errors import UsageError

@@ -38,7 +38,7 @@ def test_bundled_refiner_is_verified_and_sets_the_explain_defaults():
     from types import SimpleNamespace
 
     from bids_app.app.plan import explain_config
-    from bids_app.core.saliency_radiomics import N_FEATURES, check_refiner
+    from bids_app.core.explain.refiner import N_FEATURES, check_refiner
     from bids_app.model.resolve import model_refiner, resolve_model
 
     model = resolve_model("demo")

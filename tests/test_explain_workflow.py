@@ -18,7 +18,7 @@ ANAT = "sub-01/anat"
 
 def random_refiner(path: Path) -> Path:
     """A valid refiner fitted on random features (its predictions are what is checked)."""
-    from bids_app.core import saliency_radiomics as R
+    from bids_app.core.explain import refiner as R
 
     names = R.feature_names()
     rng = np.random.default_rng(3)
@@ -88,7 +88,7 @@ def test_store_is_on_the_input_grid_and_matches_the_maps(explain_run):
 
 
 def test_lesion_table_has_saliency_and_refiner_columns(explain_run):
-    from bids_app.core import saliency_radiomics as R
+    from bids_app.core.explain import refiner as R
     from bids_app.formats.saliency_store import load_store
 
     anat = explain_run["out"] / ANAT

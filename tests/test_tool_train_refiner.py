@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from bids_app.cli.tools import main as tools_main
-from bids_app.core import saliency_radiomics as R
 from bids_app.core.explain import SaliencyStore
+from bids_app.core.explain import refiner as R
 from bids_app.formats.saliency_store import save_store
 
 SHAPE = (40, 36, 30)

@@ -160,7 +160,7 @@ def _refiner_file(outputs, model) -> Path | None:
 
 def read_refiner(path: Path) -> dict:
     """A refiner JSON, checked before the run starts."""
-    from bids_app.core.saliency_radiomics import check_refiner
+    from bids_app.core.explain.refiner import check_refiner
 
     try:
         return check_refiner(json.loads(path.read_text()))

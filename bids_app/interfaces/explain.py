@@ -238,7 +238,7 @@ class RefineLesions(SimpleInterface):
         import pandas as pd
 
         from bids_app.bids.derivatives import dumps_json
-        from bids_app.core import saliency_radiomics as R
+        from bids_app.core.explain import refiner as R
         from bids_app.formats.lesion_table import write_fragment
         from bids_app.formats.saliency_store import load_store
 

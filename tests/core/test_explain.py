@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from bids_app.core import explain as E
+from bids_app.core.explain import crops as explain_crops
+from bids_app.core.explain import network as explain_network
 from bids_app.testing import make_case
 
 torch.set_num_threads(2)
@@ -113,7 +115,7 @@ def test_smallnet_gradient_matches_finite_differences(norm_stats):
             ref_net._msx_norms[0].mode = "record"
             with torch.no_grad():
                 ref_net(x)
-            E._set_norm_mode(ref_net._msx_norms, "frozen", [n.recorded for n in ref_net._msx_norms])
+            explain_network.set_norm_mode(ref_net._msx_norms, "frozen", [n.recorded for n in ref_net._msx_norms])
         mask = torch.from_numpy(lesions == r.label).double()
         pts = _points(lesions.shape, rng)
         pts += [(1, *map(int, np.argwhere(lesions == r.label)[0]))]
@@ -129,12 +131,13 @@ def test_frozen_statistics_reproduce_live_logits_on_the_window():
     data, lesions = _blob_case()
     net = E.prepare_networks([SmallNet().double()], torch.device("cpu"), torch.float64)[0]
     x = torch.from_numpy(data)[None]
-    stats = E._record_window_stats([net], torch.from_numpy(data), {1: [(0, s) for s in lesions.shape]}, 1 << 20, 4)
+    window = {1: [(0, s) for s in lesions.shape]}
+    stats = explain_crops.record_window_stats([net], torch.from_numpy(data), window, 1 << 20, 4)
     with torch.no_grad():
         live = net(x)
-        E._set_norm_mode(net._msx_norms, "frozen", [(m[None], v[None]) for m, v in stats[0][1]])
+        explain_network.set_norm_mode(net._msx_norms, "frozen", [(m[None], v[None]) for m, v in stats[0][1]])
         frozen = net(x)
-    E._set_norm_mode(net._msx_norms, "live")
+    explain_network.set_norm_mode(net._msx_norms, "live")
     torch.testing.assert_close(live, frozen)
 
 

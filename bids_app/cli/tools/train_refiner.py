@@ -116,7 +116,7 @@ def load_reference(paths: list[Path], shape, affine) -> np.ndarray:
 def collect_from_stores(inputs: list[Path], args) -> tuple[list[dict], np.ndarray, np.ndarray, list[str], dict]:
     """(rows of source/label, features, is_tp, names, {store: its explain config}) from every
     store under ``inputs`` that has lesions."""
-    from bids_app.core import saliency_radiomics as R
+    from bids_app.core.explain import refiner as R
     from bids_app.formats.saliency_store import load_store
 
     rows, feats, truth = [], [], []
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bids_app import __version__
     from bids_app.bids.derivatives import atomic_write_text, dumps_json
-    from bids_app.core import saliency_radiomics as R
+    from bids_app.core.explain import refiner as R
     from bids_app.model.card import sha256_file
 
     if not args.inputs and not args.tables:

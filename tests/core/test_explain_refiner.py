@@ -1,4 +1,4 @@
-"""Radiomics of saliency maps and the TP/FP refiner (bids_app.core.saliency_radiomics)."""
+"""Radiomics of saliency maps and the TP/FP refiner (bids_app.core.explain.refiner)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from bids_app.core import saliency_radiomics as R
 from bids_app.core.explain import SaliencyStore
+from bids_app.core.explain import refiner as R
 
 
 def _store(n_lesions=2, seed=0, shape=(24, 22, 18)):
