@@ -1,9 +1,10 @@
 """Run configuration: one frozen object, built once from the command line, passed explicitly.
 
 No module-level singleton (fMRIPrep's ``config`` module, a process-wide global that Nipype workers
-re-read from a file, is the cautionary example): the workflow builders receive a :class:`Config`, Nipype workers
-receive plain traits. ``Config.to_dict()`` is what the run records in its log folder, and
-``Config.from_dict()`` reads it back (``--config-file``) so a run can be repeated exactly.
+re-read from a file, is the cautionary example): the :class:`Config` (the command line, ``argv``
+included) is resolved with the model card once into the settings the workflow is built from
+(:mod:`bids_app.app.plan`); Nipype workers receive plain traits. ``Config.to_dict()`` is what the
+run records in its log folder, beside ``argv``, which ``msxplain-tools rerun`` repeats exactly.
 """
 
 from __future__ import annotations
