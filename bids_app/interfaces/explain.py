@@ -1,12 +1,12 @@
-"""Nipype interface around :func:`bids_app.core.explain.explain_case` and the saliency refiner
-(:mod:`bids_app.core.saliency_radiomics`)."""
+"""Nipype interfaces around :func:`bids_app.core.explain.explain_case` and the saliency refiner
+(:mod:`bids_app.core.explain.refiner`): they load, call the core and write
+(:mod:`bids_app.core.explain.tables` says what is written)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import time
 
 from nipype.interfaces.base import (
@@ -17,28 +17,6 @@ from nipype.interfaces.base import (
     TraitedSpec,
     traits,
 )
-
-#: lesion-table column suffix -> description (see core.explain.lesion_summaries)
-SUMMARY_DESCRIPTIONS = {
-    "peak_in": ("Signed saliency value of largest magnitude inside the lesion.", "a.u."),
-    "peak_out": ("Signed saliency value of largest magnitude in the lesion's crop outside the lesion.", "a.u."),
-    "mean_in": ("Mean signed saliency inside the lesion.", "a.u."),
-    "rim_ratio": ("Mean |saliency| in the 2-voxel shell around the lesion / mean |saliency| inside it.", "1"),
-    "mass_in": ("Fraction of the crop's |saliency| mass inside the lesion.", "1"),
-}
-MAP_DESCRIPTIONS = {
-    "smoothgrad_mean": "SmoothGrad, mean aggregation: gradient of the lesion's summed logit w.r.t. channel {ch}, "
-                       "averaged over noisy copies (signed, unnormalised)",
-    "smoothgrad_max": "SmoothGrad, max aggregation over the lesion's voxel groups, channel {ch} (signed, "
-                      "unnormalised)",
-    "gradcam": "Grad-CAM (channel-pooled weights) of the lesion, min-max normalised (max 1)",
-    "gradcampp": "Grad-CAM++ (element-wise weights) of the lesion, min-max normalised (max 1)",
-}
-
-
-def saliency_desc(map_name: str, channel: str | None) -> str:
-    """BIDS ``desc`` of a summary map: letters and digits only (e.g. ``smoothgradmaxFLAIR``)."""
-    return re.sub(r"[^A-Za-z0-9]", "", map_name + (channel or ""))
 
 
 class _ExplainLesionsInputSpec(BaseInterfaceInputSpec):
@@ -89,11 +67,11 @@ class ExplainLesions(SimpleInterface):
         import nibabel as nib
         import nibabel.orientations as nio
         import numpy as np
-        import pandas as pd
 
         from bids_app.app.progress import ProgressLine
         from bids_app.bids.derivatives import dumps_json
-        from bids_app.core.explain import ExplainConfig, explain_case, lesion_summaries, reorient_store, summary_maps
+        from bids_app.core.explain import ExplainConfig, explain_case, reorient_store
+        from bids_app.core.explain.tables import SessionLesions, explanation_outputs
         from bids_app.core.imageio import save_image
         from bids_app.formats.lesion_table import write_fragment
         from bids_app.formats.saliency_store import save_store
@@ -118,17 +96,9 @@ class ExplainLesions(SimpleInterface):
         canonical_instances = np.ascontiguousarray(
             nio.apply_orientation(instances, nio.ornt_transform(ornt, nio.axcodes2ornt("RAS"))))
         with open(self.inputs.lesions_file) as handle:
-            geometry = json.load(handle)
-        labels_all = np.asarray(geometry.get("label", []), int)
-        classes = np.asarray(geometry.get("class_index", []), int)
-        n_voxels = np.asarray(geometry.get("n_voxels", [1] * len(labels_all)), int)
-        selected = labels_all
-        if self.inputs.max_lesions and len(labels_all) > self.inputs.max_lesions:
-            order = np.lexsort((labels_all, -n_voxels))  # largest first, ties by label
-            selected = np.sort(labels_all[order[: self.inputs.max_lesions]])
+            lesions = SessionLesions.from_record(json.load(handle))
+        selected = lesions.largest(self.inputs.max_lesions)
         config = ExplainConfig(**self.inputs.explain_config)
-        class_of_label = np.zeros(int(labels_all.max()) if len(labels_all) else 0, np.int32)
-        class_of_label[labels_all - 1] = classes
         line = ProgressLine(self.inputs.progress_label or "session", "explain")
         n_explained = len(selected)
 
@@ -140,62 +110,26 @@ class ExplainLesions(SimpleInterface):
             line.update(fraction, f"lesion {current} of {n_explained}")
 
         try:
-            store = explain_case(predictor, stack, zooms, canonical_instances, class_of_label, config,
+            store = explain_case(predictor, stack, zooms, canonical_instances, lesions.class_of_label(), config,
                                  channel_names=names, labels=[int(v) for v in selected], progress=progress)
         finally:
             line.close()
         store = reorient_store(store, nio.ornt_transform(nio.axcodes2ornt("RAS"), ornt))
         del predictor
-        sources = list(self.inputs.sources)
-        records = []
-        store_file = save_store(os.path.abspath("saliency.npz"), store, affine=affine)
-        records.append({"key": "saliency_store", "file": str(store_file), "sources": sources,
-                        "derived_from": [{"key": "instance_dseg"}],
-                        "metadata": {"Format": "msxplain saliency store (docs/explain.md)",
-                                     "Lesions": [int(v) for v in store.labels],
-                                     "Maps": {k: store.map_channels(k) for k in store.maps},
-                                     "Explained": store.meta.get("explained"),
-                                     "CAMs": store.meta.get("cams")}})
-        if store.n_lesions:
-            for name, volume in summary_maps(store).items():
-                chans = store.map_channels(name)
-                for c, ch in enumerate(chans):
-                    desc = saliency_desc(name, None if ch == "cam" else ch)
-                    path = os.path.abspath(f"saliency_{desc}.nii.gz")
-                    save_image(path, volume[c].astype(np.float32), affine)
-                    records.append({"key": "saliency", "file": path, "sources": sources,
-                                    "entities": {"desc": desc}, "derived_from": [{"key": "saliency_store"}],
-                                    "metadata": {
-                                        "Description": MAP_DESCRIPTIONS.get(name.split("@")[0], name).format(ch=ch)
-                                        + "; each lesion's voxels hold its own map, elsewhere the value of "
-                                          "largest magnitude among the lesions whose crops cover the voxel, "
-                                          "0 where none does.",
-                                        "Map": name, "Channel": ch,
-                                        "ExplainedLesions": [int(v) for v in store.labels]}})
+        outputs = explanation_outputs(store, lesions.labels)
 
-        # lesion-table fragment: every lesion of the instance map (unexplained rows are n/a)
-        cols = lesion_summaries(store)
-        table = pd.DataFrame({"label": labels_all.astype(np.int64)})
-        summaries = pd.DataFrame(cols)
-        table = table.merge(summaries, on="label", how="left") if len(summaries.columns) > 1 else table
-        table["explained"] = np.isin(labels_all, store.labels).astype(int)
-        dictionary = {"explained": {"Description": "1 when the lesion was explained (saliency columns filled).",
-                                    "Levels": {"1": "explained", "0": "not explained (--explain-max-lesions)"}}}
-        for column in table.columns:
-            m = re.match(r"^(smoothgrad_mean|smoothgrad_max|gradcampp|gradcam)(?:_(.+))?_(peak_in|peak_out|"
-                         r"mean_in|rim_ratio|mass_in)$", column)
-            if m:
-                text, units = SUMMARY_DESCRIPTIONS[m.group(3)]
-                what = MAP_DESCRIPTIONS[m.group(1)].format(ch=m.group(2) or "")
-                dictionary[column] = {"Description": f"{text} Map: {what}.", "Units": units}
-        tsv, js = write_fragment(table, dictionary, os.path.abspath("lesions_saliency"))
-        summary = {"explanations": {
-            "n_lesions": int(len(labels_all)), "n_explained": int(store.n_lesions),
-            "not_explained_labels": [int(v) for v in np.setdiff1d(labels_all, store.labels)],
-            "config": store.meta.get("config"), "explained": store.meta.get("explained"),
-            "cams": store.meta.get("cams"), "device": store.meta.get("device"),
-            "timings_s": store.meta.get("timings_s"), "seconds_total": round(time.perf_counter() - start, 3),
-        }}
+        sources = list(self.inputs.sources)
+        store_file = save_store(os.path.abspath("saliency.npz"), store, affine=affine)
+        records = [{"key": "saliency_store", "file": str(store_file), "sources": sources,
+                    "derived_from": [{"key": "instance_dseg"}], "metadata": outputs.store_metadata}]
+        for summary_map in outputs.maps:
+            path = os.path.abspath(f"saliency_{summary_map.desc}.nii.gz")
+            save_image(path, summary_map.volume, affine)
+            records.append({"key": "saliency", "file": path, "sources": sources,
+                            "entities": {"desc": summary_map.desc}, "derived_from": [{"key": "saliency_store"}],
+                            "metadata": summary_map.metadata})
+        tsv, js = write_fragment(outputs.table, outputs.dictionary, os.path.abspath("lesions_saliency"))
+        summary = {"explanations": {**outputs.summary, "seconds_total": round(time.perf_counter() - start, 3)}}
         summary_file = os.path.abspath("explain_summary.json")
         with open(summary_file, "w") as handle:
             handle.write(dumps_json(summary))
@@ -225,7 +159,7 @@ class _RefineLesionsOutputSpec(TraitedSpec):
 
 class RefineLesions(SimpleInterface):
     """``p_true_lesion`` of every explained lesion from the radiomics of its SmoothGrad map
-    (:func:`bids_app.core.saliency_radiomics.saliency_features`, ``predict_refiner``) and, with
+    (:func:`bids_app.core.explain.refiner.refine_lesions`) and, with
     ``refine``, the segmentation without the lesions under the threshold. A node of its own, so
     that changing the refiner or its threshold does not recompute the saliency maps."""
 
@@ -235,10 +169,14 @@ class RefineLesions(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
         import numpy as np
-        import pandas as pd
 
         from bids_app.bids.derivatives import dumps_json
-        from bids_app.core.explain import refiner as R
+        from bids_app.core.explain.refiner import check_refiner, refine_lesions
+        from bids_app.core.explain.tables import (
+            SessionLesions,
+            refinement_summary,
+            refinement_table,
+        )
         from bids_app.formats.lesion_table import write_fragment
         from bids_app.formats.saliency_store import load_store
 
@@ -246,96 +184,43 @@ class RefineLesions(SimpleInterface):
         inst_img = nib.load(self.inputs.instances_file)
         instances = np.asarray(inst_img.dataobj).astype(np.int32)
         with open(self.inputs.lesions_file) as handle:
-            geometry = json.load(handle)
-        labels_all = np.asarray(geometry.get("label", []), int)
-        classes = np.asarray(geometry.get("class_index", []), int)
-        table = pd.DataFrame({"label": labels_all.astype(np.int64)})
-        dictionary = {}
-        sources = list(self.inputs.sources)
-        records = []
-        affine = inst_img.affine
+            lesions = SessionLesions.from_record(json.load(handle))
         with open(self.inputs.refiner_file) as handle:
-            refiner = R.check_refiner(json.load(handle))
-        p = np.full(len(labels_all), np.nan)
-        reasons: list[str | None] = ["not explained (--explain-max-lesions)"] * len(labels_all)
-        if store.n_lesions:
-            failures: dict[int, str] = {}
-            features, feature_names = R.saliency_features(store, refiner.get("map", "smoothgrad_max"),
-                                                          refiner.get("channel"), failures=failures)
-            p_store = R.predict_refiner(refiner, features, feature_names)
-            # a lesion without features would score the intercept's sigmoid: no score, never dropped
-            scored = R.scorable(refiner, features)
-            rows = np.searchsorted(labels_all, store.labels)
-            for i, row in enumerate(rows):
-                if scored[i] and i not in failures:
-                    p[row] = p_store[i]
-                    reasons[row] = None
-                else:
-                    reasons[row] = failures.get(i, "no usable saliency feature")
-        unscored = np.isnan(p)
-        table["p_true_lesion"] = p
-        table["refiner_scored"] = (~unscored).astype(int)
-        table["refiner_unscored_reason"] = pd.Series(reasons, dtype=object)
-        threshold = (self.inputs.refine_threshold if self.inputs.refine_threshold >= 0
-                     else float(refiner["threshold"]))
-        keep = R.refine(p, threshold)  # unscored lesions (NaN) are kept
-        table["refined_keep"] = keep.astype(int)
-        failed_labels = [int(v) for v, r in zip(labels_all, reasons)
-                         if r is not None and not r.startswith("not explained")]
+            refiner = check_refiner(json.load(handle))
+        refinement = refine_lesions(refiner, store, lesions.labels, self.inputs.refine_threshold)
+        failed_labels = refinement.failed_labels
         if failed_labels:
             logging.getLogger("bids_app.refine").warning(
                 "%s: the refiner could not score %d of %d lesions (labels %s: saliency features failed); they are "
                 "kept (refined_keep = 1, refiner_scored = 0).", os.path.basename(self.inputs.sources[0])
-                if self.inputs.sources else "session", len(failed_labels), len(labels_all),
+                if self.inputs.sources else "session", len(failed_labels), len(lesions.labels),
                 ", ".join(str(v) for v in failed_labels[:20]))
-        dictionary["p_true_lesion"] = {
-            "Description": "Probability that the lesion is a true lesion, from the saliency-radiomics "
-                           "classifier (93 PyRadiomics features of the lesion's SmoothGrad map, L1 logistic "
-                           "regression); n/a when the lesion was not explained or its features failed "
-                           "(refiner_scored = 0).", "Units": "1"}
-        dictionary["refiner_scored"] = {
-            "Description": "1 when p_true_lesion was computed from the lesion's own saliency features; 0 when "
-                           "the lesion was not explained or its feature extraction failed (it is then kept).",
-            "Levels": {"1": "scored", "0": "not scored, kept"}}
-        dictionary["refiner_unscored_reason"] = {
-            "Description": "Why the refiner did not score the lesion (n/a when it did)."}
-        dictionary["refined_keep"] = {
-            "Description": f"1 when the refinement keeps the lesion (p_true_lesion >= {threshold:g}, or not "
-                           "scored: not explained or its features failed), 0 when it drops it.",
-            "Levels": {"1": "kept", "0": "dropped"}}
-        refine_info = {"refiner": os.path.basename(self.inputs.refiner_file),
-                       "refiner_explain_config": refiner.get("explain_config"),
-                       "threshold": threshold, "n_dropped": int((~keep).sum()),
-                       "dropped_labels": [int(v) for v in labels_all[~keep]],
-                       "n_unscored": int(unscored.sum()),
-                       "n_features_failed": len(failed_labels),
-                       "features_failed_labels": failed_labels,
-                       "segmentation_written": bool(self.inputs.refine)}
+        records = []
         if self.inputs.refine:
-            records += self._refined_records(instances, labels_all, classes, keep, affine, threshold, sources)
+            records += self._refined_records(instances, lesions, refinement, inst_img.affine,
+                                             list(self.inputs.sources))
+        table, dictionary = refinement_table(refinement)
         tsv, js = write_fragment(table, dictionary, os.path.abspath("lesions_refiner"))
         summary_file = os.path.abspath("refine_summary.json")
-        part = {"refinement": refine_info}
-        if failed_labels:
-            part["qc_flags"] = ["refiner_features_failed"]
+        part = refinement_summary(refinement, os.path.basename(self.inputs.refiner_file), refiner,
+                                  self.inputs.refine)
         with open(summary_file, "w") as handle:
             handle.write(dumps_json(part))
         self._results.update(lesions_file=str(tsv), lesions_dictionary=str(js), summary_file=summary_file,
                              derivatives=records)
         return runtime
 
-    def _refined_records(self, instances, labels, classes, keep, affine, threshold, sources):
+    def _refined_records(self, instances, lesions, refinement, affine, sources):
         """The refined class dseg and union mask: the dropped lesions removed."""
         import numpy as np
 
+        from bids_app.core.explain.refiner import refined_segmentation
+        from bids_app.core.explain.tables import refinement_parameters
         from bids_app.core.imageio import save_image
         from bids_app.interfaces.postprocess import write_class_lut
 
-        lut = np.zeros(int(instances.max()) + 1, np.int16)
-        lut[labels[keep]] = classes[keep]
-        dseg = lut[instances]
-        params = {"RefinementThreshold": threshold, "RefinementRule": "keep p_true_lesion >= threshold",
-                  "DroppedLabels": [int(v) for v in labels[~keep]]}
+        dseg = refined_segmentation(instances, lesions.labels, lesions.classes, refinement.keep)
+        params = refinement_parameters(refinement)
         dseg_file = os.path.abspath("refined_dseg.nii.gz")
         save_image(dseg_file, dseg, affine)
         lut_file = write_class_lut(os.path.abspath("refined_dseg.tsv"), self.inputs.label_indices,

@@ -165,3 +165,69 @@ def test_features_do_not_modify_the_store():
     R.saliency_features(st, channel="T1w")
     assert all(np.array_equal(a, b) for a, b in zip(before, st.maps["smoothgrad_max"]))
     assert all(np.array_equal(a, b) for a, b in zip(inst_before, st.instances))
+
+
+def test_the_refinement_rule_and_its_threshold():
+    """One rule: keep p >= threshold and every unscored lesion; the requested threshold when >= 0,
+    else the refiner's own."""
+    model = {"threshold": 0.6}
+    assert R.refinement_threshold(model) == 0.6 and R.refinement_threshold(model, -1.0) == 0.6
+    assert R.refinement_threshold(model, 0.0) == 0.0 and R.refinement_threshold(model, 0.3) == 0.3
+    assert list(R.refine(np.array([0.59, 0.6, np.nan]), 0.6)) == [False, True, True]
+
+
+def test_refine_lesions_scores_explained_lesions_and_keeps_the_others():
+    store, _ = _store(n_lesions=2)
+    names = R.feature_names()
+    n = len(names)
+    model = R.check_refiner({"format": R.REFINER_FORMAT, "version": 1, "feature_names": names,
+                             "scaler_mean": [0.0] * n, "scaler_scale": [1.0] * n, "coef": [0.0] * n,
+                             "intercept": 0.0, "threshold": 0.5})
+    model["coef"][names.index("original_firstorder_Mean")] = 1.0
+    labels = np.append(np.asarray(store.labels), int(store.labels.max()) + 1)  # one lesion not explained
+    out = R.refine_lesions(model, store, labels, threshold=None)
+    assert out.threshold == 0.5 and out.scored.tolist() == [True, True, False]
+    assert out.reasons[-1] == R.NOT_EXPLAINED and out.failed_labels == []
+    assert out.keep[-1] and out.keep[:2].tolist() == (out.p_true_lesion[:2] >= 0.5).tolist()
+    strict = R.refine_lesions(model, store, labels, threshold=1.0)
+    assert strict.threshold == 1.0 and strict.keep.tolist() == [False, False, True]
+    inst = np.zeros((4, 4, 4), np.int32)
+    inst[0, 0, :2] = 1
+    inst[3, 3, 3] = 2
+    dseg = R.refined_segmentation(inst, np.array([1, 2]), np.array([1, 3]), np.array([False, True]))
+    assert dseg.dtype == np.int16 and dseg.sum() == 3 and dseg[3, 3, 3] == 3
+
+
+def test_explanation_and_refinement_tables():
+    from bids_app.core.explain.tables import (
+        SessionLesions,
+        explanation_outputs,
+        refinement_parameters,
+        refinement_summary,
+        refinement_table,
+    )
+
+    lesions = SessionLesions.from_record({"label": [1, 2, 3], "class_index": [1, 2, 1], "n_voxels": [5, 9, 9]})
+    assert lesions.largest(0).tolist() == [1, 2, 3] and lesions.largest(2).tolist() == [2, 3]
+    assert lesions.class_of_label().tolist() == [1, 2, 1]
+    assert SessionLesions.from_record({}).class_of_label().shape == (0,)
+    store, _ = _store(n_lesions=2)
+    labels = np.append(np.asarray(store.labels), int(store.labels.max()) + 1)
+    out = explanation_outputs(store, labels)
+    assert list(out.table["label"]) == labels.tolist() and list(out.table["explained"]) == [1, 1, 0]
+    assert out.table.columns[-1] == "explained" and set(out.table.columns[1:-1]) <= set(out.dictionary)
+    assert out.summary["not_explained_labels"] == [int(labels[-1])] and out.summary["n_explained"] == 2
+    assert [m.desc for m in out.maps] == ["smoothgradmaxT1w", "smoothgradmaxFLAIR"]
+    refinement = R.Refinement(labels=labels, p_true_lesion=np.array([0.2, 0.8, np.nan]),
+                              reasons=[None, None, R.NOT_EXPLAINED], threshold=0.5,
+                              keep=np.array([False, True, True]))
+    table, dictionary = refinement_table(refinement)
+    assert list(table.columns) == ["label", "p_true_lesion", "refiner_scored", "refiner_unscored_reason",
+                                   "refined_keep"] and list(dictionary) == list(table.columns[1:])
+    assert "p_true_lesion >= 0.5," in dictionary["refined_keep"]["Description"]
+    part = refinement_summary(refinement, "refiner.json", {}, False)
+    assert part == {"refinement": {"refiner": "refiner.json", "refiner_explain_config": None, "threshold": 0.5,
+                                   "n_dropped": 1, "dropped_labels": [int(labels[0])], "n_unscored": 1,
+                                   "n_features_failed": 0, "features_failed_labels": [],
+                                   "segmentation_written": False}}
+    assert refinement_parameters(refinement)["DroppedLabels"] == [int(labels[0])]

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputData(f"Cannot train the refiner: {exc}.",
                            hint="add participants with both true and false-positive lesions.") from None
     p = R.predict_refiner(model, X)
-    keep = R.refine(p, args.threshold)
+    keep = R.refine(p, R.refinement_threshold(model))
     # the SmoothGrad settings the features were computed with (first store): a run should use the same
     explain_config = configs[min(configs)] if configs else None
     model.update({

@@ -1,6 +1,6 @@
 """Radiomics of saliency maps and the TP/FP lesion classifier built on them (arXiv:2409.03772).
 
-For every lesion, the 93 PyRadiomics features of ``algorithms.md`` §4.7 are computed on its
+For every lesion, the 93 PyRadiomics features of the paper (``docs/explain.md``) are computed on its
 SmoothGrad map (max aggregation, FLAIR channel or the first channel) inside the lesion plus a
 2-voxel shell:
 
@@ -20,7 +20,8 @@ The classifier is a logistic regression (L1, liblinear, C = 1, class weights
 on the training lesions only). It is kept as a plain JSON-able dict (coefficients, scaler
 mean/scale, feature names, threshold): no pickle. Missing features are imputed with the
 training mean; a lesion whose extraction failed altogether (all features missing) is not
-scored (:func:`scorable`) and never dropped by :func:`refine`.
+scored (:func:`scorable`) and never dropped by :func:`refine`. :func:`refine_lesions` scores every
+lesion of a session and applies the refinement rule (:func:`refinement_threshold`, :func:`refine`).
 
 Pure: numpy, SimpleITK and PyRadiomics in memory; no file I/O; inputs never modified.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -394,8 +396,106 @@ def scorable(model: dict, features: np.ndarray) -> np.ndarray:
     return np.isfinite(X[:, used]).any(axis=1)
 
 
+def refinement_threshold(model: dict, requested: float | None = None) -> float:
+    """The refinement threshold: ``requested`` when given and >= 0, else the refiner's own
+    (``model['threshold']``)."""
+    if requested is not None and requested >= 0:
+        return requested
+    return float(model["threshold"])
+
+
 def refine(p_true_lesion: np.ndarray, threshold: float) -> np.ndarray:
     """Lesions kept by the refinement: ``p_true_lesion >= threshold``, and every lesion without a
     score (NaN: not explained, or its features failed), which is never dropped (bool (n,))."""
     p = np.asarray(p_true_lesion, float)
     return np.isnan(p) | (p >= float(threshold))
+
+
+#: why a lesion that was not explained has no score
+NOT_EXPLAINED = "not explained (--explain-max-lesions)"
+
+
+@dataclass
+class Refinement:
+    """The refinement of one session's lesions.
+
+    Attributes
+    ----------
+    labels : ndarray of int (n,), every lesion of the instance map, ascending
+    p_true_lesion : ndarray of float64 (n,), NaN for a lesion without a score
+    reasons : list of n (str or None), why a lesion has no score (None when it has one)
+    threshold : float, the threshold applied (:func:`refinement_threshold`)
+    keep : ndarray of bool (n,), :func:`refine`
+    """
+
+    labels: np.ndarray
+    p_true_lesion: np.ndarray
+    reasons: list
+    threshold: float
+    keep: np.ndarray
+
+    @property
+    def scored(self) -> np.ndarray:
+        return ~np.isnan(self.p_true_lesion)
+
+    @property
+    def failed_labels(self) -> list[int]:
+        """Explained lesions whose saliency features failed (or gave no usable feature)."""
+        return [int(v) for v, r in zip(self.labels, self.reasons) if r is not None and r != NOT_EXPLAINED]
+
+
+def refine_lesions(model: dict, store, labels: np.ndarray, threshold: float | None = None) -> Refinement:
+    """Score every lesion of a session and apply the refinement rule.
+
+    Parameters
+    ----------
+    model : dict, a checked refiner (:func:`check_refiner`); its ``map`` and ``channel`` choose the
+        saliency map (default the max-aggregated SmoothGrad, FLAIR or the first channel)
+    store : SaliencyStore of the explained lesions
+    labels : ndarray of int (n,), every lesion label of the instance map, ascending (a superset of
+        ``store.labels``)
+    threshold : float or None, the requested threshold (None or < 0: the refiner's own)
+
+    Returns
+    -------
+    Refinement
+        A lesion that was not explained, whose features failed, or that :func:`scorable` rejects
+        (it would score the intercept's sigmoid) has no score and is kept.
+    """
+    labels = np.asarray(labels)
+    p = np.full(len(labels), np.nan)
+    reasons: list[str | None] = [NOT_EXPLAINED] * len(labels)
+    if store.n_lesions:
+        failures: dict[int, str] = {}
+        features, feature_names = saliency_features(store, model.get("map", "smoothgrad_max"), model.get("channel"),
+                                                    failures=failures)
+        p_store = predict_refiner(model, features, feature_names)
+        scored = scorable(model, features)
+        rows = np.searchsorted(labels, store.labels)
+        for i, row in enumerate(rows):
+            if scored[i] and i not in failures:
+                p[row] = p_store[i]
+                reasons[row] = None
+            else:
+                reasons[row] = failures.get(i, "no usable saliency feature")
+    chosen = refinement_threshold(model, threshold)
+    return Refinement(labels=labels, p_true_lesion=p, reasons=reasons, threshold=chosen, keep=refine(p, chosen))
+
+
+def refined_segmentation(instances: np.ndarray, labels: np.ndarray, classes: np.ndarray,
+                         keep: np.ndarray) -> np.ndarray:
+    """The class segmentation without the dropped lesions.
+
+    Parameters
+    ----------
+    instances : ndarray of int, shape (X, Y, Z), the instance map
+    labels, classes : ndarray of int (n,), every lesion label and its class index
+    keep : ndarray of bool (n,)
+
+    Returns
+    -------
+    ndarray of int16, shape (X, Y, Z), the class index of every kept lesion's voxels, 0 elsewhere
+    """
+    lut = np.zeros(int(instances.max()) + 1, np.int16)
+    lut[labels[keep]] = classes[keep]
+    return lut[instances]
