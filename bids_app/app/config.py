@@ -111,7 +111,7 @@ class Config:
         """Build and cross-check the configuration (the checks fMRIPrep's parser does).
 
         ``ns`` is what :func:`bids_app.cli.parser.parse_args` returns for ``argv``: every option
-        is set there, and the parser's defaults are the only defaults of a command-line run.
+        is set there (the parser's defaults are this module's dataclass defaults).
 
         Raises
         ------

@@ -158,7 +158,8 @@ def _plugin_args(value: str) -> dict:
 def build_parser() -> UsageArgumentParser:
     """The ``msxplain`` argument parser."""
     from bids_app import __version__
-    from bids_app.core.metrics import evaluation as E  # the evaluation's defaults, written once there
+    from bids_app.app.config import ModelConfig, OutputConfig, ResourceConfig  # the defaults, written once there
+    from bids_app.core.metrics import evaluation as E
 
     parser = UsageArgumentParser(
         prog="msxplain",
@@ -206,7 +207,7 @@ def build_parser() -> UsageArgumentParser:
 
     model = parser.add_argument_group("Model and post-processing")
     model.add_argument(
-        "--model", default="demo", metavar="NAME|SOURCE|DIR|ZIP",
+        "--model", default=ModelConfig.spec, metavar="NAME|SOURCE|DIR|ZIP",
         help="a bundled, installed or registry model name (names are looked up first: give a folder or zip as "
         "a path, e.g. ./mymodel), doi:10.5281/zenodo.<id>, zenodo:<id> or an https:// URL of an nnU-Net export "
         "zip (fetched once, checksum-verified, cached; msxplain-tools models), a model folder (nnU-Net results "
@@ -217,7 +218,7 @@ def build_parser() -> UsageArgumentParser:
         "--model-card", dest="model_card", type=Path, metavar="FILE",
         help="model card JSON to use instead of the one beside the model",
     )
-    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    model.add_argument("--device", choices=("auto", "cpu", "cuda"), default=ModelConfig.device,
                        help="where the networks run; auto picks CUDA when a GPU is visible")
     model.add_argument("--folds", nargs="+", metavar="FOLD",
                        help="ensemble members (fold names) to use (default: all of the model card's)")
@@ -231,11 +232,12 @@ def build_parser() -> UsageArgumentParser:
                        help="smallest lesion kept, in voxels (default: the model card's)")
     model.add_argument("--connectivity", type=int, choices=(6, 18, 26),
                        help="voxel connectivity that defines a lesion (default: the model card's)")
-    model.add_argument("--skull-stripped", dest="skull_stripped", choices=("auto", "yes", "no"), default="auto",
+    model.add_argument("--skull-stripped", dest="skull_stripped", choices=("auto", "yes", "no"),
+                       default=ModelConfig.skull_stripped,
                        help="are the inputs skull-stripped? auto: decide from the image (exact zeros outside a "
                        "brain-sized volume); no: build a brain mask by registering the MNI template")
     model.add_argument("--input-orientation", dest="input_orientation", choices=("auto", "native", "ras"),
-                       default="auto",
+                       default=ModelConfig.input_orientation,
                        help="voxel order the network sees: native (the reference image's stored axis order, as "
                        "nnU-Net's SimpleITKIO and NibabelIO read files) or ras (RAS+, as NibabelIOWithReorient). "
                        "auto: the model card's input_orientation, else the reader named in the model's plans.json, "
@@ -245,26 +247,26 @@ def build_parser() -> UsageArgumentParser:
 
     unc = parser.add_argument_group("Uncertainty and evaluation")
     unc.add_argument("--voxel-uncertainty", dest="voxel_uncertainty", nargs="+", metavar="MEASURE",
-                     choices=("NC", "EoE", "ExE", "MI", "EPKL", "RMI"), default=["EoE", "ExE", "MI"],
+                     choices=("NC", "EoE", "ExE", "MI", "EPKL", "RMI"), default=list(OutputConfig.voxel_uncertainty),
                      help="voxel uncertainty maps to write")
     unc.add_argument("--lesion-uncertainty-maps", dest="lesion_uncertainty_maps", nargs="*", metavar="MEASURE",
-                     default=["LSU", "mean_MI"],
+                     default=list(OutputConfig.lesion_uncertainty_maps),
                      help="lesion measures written as maps (each lesion painted with its value); all lesion "
                      "measures are in the lesion table anyway")
     unc.add_argument("--detection-method", dest="detection_method", choices=E.DETECTION_METHODS,
-                     default=E.DEFAULT_METHOD, help="lesion-wise detection rule of the evaluation")
+                     default=OutputConfig.detection_method, help="lesion-wise detection rule of the evaluation")
     unc.add_argument("--in-domain-sites", dest="in_domain_sites", nargs="+", metavar="SITE",
                      help="group level: sites the model was trained on (the others are reported as "
                      "out-of-domain)")
     unc.add_argument("--detection-threshold", dest="detection_threshold", type=probability,
-                     default=E.DEFAULT_DETECTION_THRESHOLD,
+                     default=OutputConfig.detection_threshold,
                      metavar="T", help="IoU threshold of a detected lesion (evaluation)")
 
     feat = parser.add_argument_group("Lesion features")
     feat.add_argument("--no-lesion-features", dest="lesion_features", action="store_false",
                       help="skip the lesion features (shape, intensity, cortical involvement, MNI location), "
                       "which are computed by default")
-    feat.add_argument("--atlas", default="auto", metavar="DSEG|auto|none",
+    feat.add_argument("--atlas", default=OutputConfig.atlas, metavar="DSEG|auto|none",
                       help="dseg atlas on the MNI152NLin2009cAsym grid for lesion location classes; auto "
                       "(default): a desc-HOparc dseg (a Harvard-Oxford-derived parcellation, not distributed by "
                       "TemplateFlow) when the local TemplateFlow folder holds one, else no atlas; none: no atlas")
@@ -288,7 +290,8 @@ def build_parser() -> UsageArgumentParser:
     expl.add_argument("--explain-margin", dest="explain_margin", type=number(float, gt=0.0), metavar="MM",
                       help="context kept around each lesion in its crop, in mm (default: the refiner's training "
                       "setting, else measured from the network's effective receptive field)")
-    expl.add_argument("--explain-max-lesions", dest="explain_max_lesions", type=number(int, ge=0), default=0,
+    expl.add_argument("--explain-max-lesions", dest="explain_max_lesions", type=number(int, ge=0),
+                      default=OutputConfig.explain_max_lesions,
                       metavar="N", help="explain only the N largest lesions of a session; 0 explains all (default: 0)")
     expl.add_argument("--refiner", metavar="FILE|none",
                       help="saliency-radiomics TP/FP classifier (JSON from msxplain-tools train-refiner) giving "
@@ -309,7 +312,8 @@ def build_parser() -> UsageArgumentParser:
                       help="threads per process (torch) (default: the smaller of --nprocs and 8)")
     perf.add_argument("--mem", "--mem-gb", dest="mem_gb", type=parse_memory_gb, metavar="SIZE",
                       help="memory cap for the scheduler, GB or e.g. 16G / 16000MB (default: no cap)")
-    perf.add_argument("--plugin", choices=("MultiProc", "Linear", "SLURM", "SLURMGraph"), default="MultiProc",
+    perf.add_argument("--plugin", choices=("MultiProc", "Linear", "SLURM", "SLURMGraph"),
+                      default=ResourceConfig.plugin,
                       help="Nipype execution plugin")
     perf.add_argument("--plugin-args", dest="plugin_args", type=_plugin_args, metavar="JSON",
                       help="extra Nipype plugin arguments as JSON (or a JSON file), e.g. "
