@@ -24,7 +24,7 @@ import numpy as np
 CONNECTIVITIES = (6, 18, 26)
 
 
-def _check_connectivity(connectivity: int) -> int:
+def check_connectivity(connectivity: int) -> int:
     if int(connectivity) not in CONNECTIVITIES:
         raise ValueError(f"connectivity must be one of {CONNECTIVITIES}, got {connectivity!r}")
     return int(connectivity)
@@ -50,7 +50,7 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
     """
     import cc3d
 
-    connectivity = _check_connectivity(connectivity)
+    connectivity = check_connectivity(connectivity)
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
         raise ValueError(f"expected a 3D mask, got shape {mask.shape}")
@@ -285,3 +285,23 @@ def lesion_geometry(instances: np.ndarray, n_lesions: int, affine: np.ndarray | 
     out["n_voxels"] = count[1:].astype(np.int64)
     out["volume_mm3"] = volume
     return out
+
+
+def label_pair_counts(a: np.ndarray, b: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Joint histogram of two label maps over the same voxels (the overlaps of every lesion pair).
+
+    Parameters
+    ----------
+    a, b : ndarray of int, shape (N,)
+        Labels of the same N voxels in two maps (``0..na`` and ``0..nb``).
+    nb : int
+        Largest label of ``b``.
+
+    Returns
+    -------
+    a_label, b_label, n_voxels : ndarray of int64, shape (K,)
+        Each label pair that occurs, sorted by (a, b), and its voxel count.
+    """
+    key = a.astype(np.int64) * (nb + 1) + b
+    uniq, counts = np.unique(key, return_counts=True)
+    return uniq // (nb + 1), uniq % (nb + 1), counts

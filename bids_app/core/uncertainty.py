@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from bids_app.core.postprocess import LesionSegmentation, _check_connectivity, lesion_geometry, segment_lesions
+from bids_app.core.postprocess import (
+    LesionSegmentation,
+    check_connectivity,
+    label_pair_counts,
+    lesion_geometry,
+    segment_lesions,
+)
 
 #: voxel measures, in output order (§2.3)
 VOXEL_MEASURES: tuple[str, ...] = ("NC", "EoE", "ExE", "MI", "EPKL", "RMI")
@@ -336,18 +342,12 @@ class _Match:
     iou_fast: np.ndarray  # (n + 1,)
 
 
-def _pair_counts(a: np.ndarray, b: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Joint histogram of label pairs: unique (a, b) and their counts, sorted by (a, b)."""
-    key = a.astype(np.int64) * (nb + 1) + b
-    uniq, counts = np.unique(key, return_counts=True)
-    return uniq // (nb + 1), uniq % (nb + 1), counts
-
 
 def _match_member(ens: _EnsembleLesions, mem: _MemberLesions) -> _Match:
     n = ens.n
     f_at = mem.instances[ens.idx].astype(np.int64)  # member label at each ensemble lesion voxel
     same = (f_at > 0) & (mem.label_class[f_at] == ens.cls)  # a lesion of class c matches class c only
-    pe, pf, inter = _pair_counts(ens.lab[same], f_at[same], mem.n)
+    pe, pf, inter = label_pair_counts(ens.lab[same], f_at[same], mem.n)
     inter = inter.astype(np.float64)
     iou = inter / (ens.size[pe] + mem.size[pf] - inter)
 
@@ -483,7 +483,7 @@ def lesion_uncertainty(
         there is no lesion.
     """
     p = check_member_probs(member_probs)
-    connectivity = _check_connectivity(connectivity)
+    connectivity = check_connectivity(connectivity)
     labels = _lesion_labels(p, lesion_labels)
     n_members = p.shape[0]
     if tuple(seg.instances.shape) != tuple(p.shape[2:]):
@@ -600,7 +600,7 @@ def _matched_pair_intersection(
         return out
     lab_j = mj.instances[mi.idx].astype(np.int64)
     keep = lab_j > 0
-    a, b, counts = _pair_counts(mi.lab[keep], lab_j[keep], mj.n)
+    a, b, counts = label_pair_counts(mi.lab[keep], lab_j[keep], mj.n)
     if counts.size == 0:
         return out
     keys = a * (mj.n + 1) + b  # sorted, as _pair_counts returns them
@@ -687,7 +687,7 @@ def patient_uncertainty(
     dict of str -> float or int
     """
     p = check_member_probs(member_probs)
-    connectivity = _check_connectivity(connectivity)
+    connectivity = check_connectivity(connectivity)
     labels = _lesion_labels(p, lesion_labels)
     shape = tuple(p.shape[2:])
     if member_segs is None:
@@ -847,7 +847,7 @@ def compute_uncertainty(
     UncertaintyResult
     """
     p = check_member_probs(member_probs)
-    connectivity = _check_connectivity(connectivity)
+    connectivity = check_connectivity(connectivity)
     labels = _lesion_labels(p, lesion_labels)
     if segmentation is None:
         seg = ensemble_segmentation(p, threshold, min_size, connectivity, labels)

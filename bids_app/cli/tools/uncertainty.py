@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from bids_app import __version__
     from bids_app.bids.derivatives import atomic_write_text, dumps_json
     from bids_app.core import uncertainty as U
-    from bids_app.core.postprocess import _check_connectivity
+    from bids_app.core.postprocess import check_connectivity
 
     paths = [Path(p) for p in args.member_probs]
     if len(paths) < 2:
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     if args.member_thresholds is not None and len(args.member_thresholds) != len(paths):
         raise UsageError(f"--member-thresholds has {len(args.member_thresholds)} values for {len(paths)} members.",
                          hint="give one threshold per --member-probs file, in the same order.")
-    connectivity = _check_connectivity(args.connectivity)
+    connectivity = check_connectivity(args.connectivity)
     member_probs, affine = load_members(paths)
     brain = None
     if args.brain_mask is not None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bids_app.core.postprocess import _check_connectivity, label_components
+from bids_app.core.postprocess import check_connectivity, label_components, label_pair_counts
 
 #: detection methods of §1.6
 DETECTION_METHODS: tuple[str, ...] = ("iou_adj", "iou", "non_zero")
@@ -69,11 +69,6 @@ def _select(arr: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Voxels considered: all (flattened, a view when possible) or those inside ``mask``."""
     return arr.reshape(-1) if mask is None else arr[mask]
 
-
-def _pair_counts(a: np.ndarray, b: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    key = a.astype(np.int64) * (nb + 1) + b
-    uniq, counts = np.unique(key, return_counts=True)
-    return uniq // (nb + 1), uniq % (nb + 1), counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +168,7 @@ def classify_lesions(
     LesionTypes
     """
     method, threshold = _check_method(method, threshold)
-    connectivity = _check_connectivity(connectivity)
+    connectivity = check_connectivity(connectivity)
     ref = _binary(ref_mask, "ref_mask")
     if pred_instances is not None:
         pred_lab = _as_volume(pred_instances, "pred_instances").astype(np.int32, copy=False)
@@ -191,7 +186,7 @@ def classify_lesions(
 
     p_flat, g_flat = pred_lab.reshape(-1), ref_lab.reshape(-1)
     both = np.flatnonzero((p_flat > 0) & (g_flat > 0))
-    pp, gg, inter = _pair_counts(p_flat[both], g_flat[both], n_ref)
+    pp, gg, inter = label_pair_counts(p_flat[both], g_flat[both], n_ref)
     inter = inter.astype(np.float64)
     size_p = np.bincount(p_flat, minlength=n_pred + 1).astype(np.float64)
     size_g = np.bincount(g_flat, minlength=n_ref + 1).astype(np.float64)
