@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from bids_app.app.progress import ProgressLine, format_duration
 from bids_app.cli.parser import build_parser
 from bids_app.errors import MissingInput
+from bids_app.progress import ProgressLine, format_duration
 from bids_app.testing import make_bids, run_cli, shared_data_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -308,7 +308,7 @@ def wait_for_slurm_jobs(node_names: set[str], poll: float = 2.0, timeout: float 
 def progress_callback(sessions, n_steps: int):
     """A MultiProc status callback: one line per node started and finished, with the session
     it belongs to (session k of N) and the run's steps done (finished nodes of ``n_steps``)."""
-    from bids_app.app.progress import format_duration, session_label
+    from bids_app.progress import format_duration, session_label
     from bids_app.workflows.base import session_wf_name
 
     order = {session_wf_name(s): (k, s.name) for k, s in enumerate(sessions, 1)}

@@ -49,7 +49,7 @@ class _ConsoleFilter(logging.Filter):
             return False
         if record.name.startswith("nipype") and record.levelno < logging.WARNING:
             return self.verbosity >= 1
-        if record.name == "bids_app.app.progress":
+        if record.name == "bids_app.progress":
             return False
         return True
 

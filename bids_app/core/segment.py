@@ -16,7 +16,7 @@ Network construction does not look up the trainer class by name: the network is 
 ``plans.json`` (valid for nnU-Net's standard PlainConvUNet and ResidualEncoderUNet trainers,
 which do not override ``build_network_architecture``). A model folder is untrusted, so every
 class name the plans give is checked against the exact allow-lists of
-:mod:`bids_app.model.safety` and imported from those tables, never located by the name itself
+:mod:`bids_app.core.plans_allowlist` and imported from those tables, never located by the name itself
 (nnU-Net's ``pydoc.locate`` follows attributes: ``...unet.torch.hub.load`` is ``torch.hub.load``);
 the other names nnU-Net resolves from the plans (preprocessor, normalisation, resampling,
 label manager) are checked before :class:`EnsemblePredictor` hands the plans to nnU-Net.
@@ -71,7 +71,7 @@ def build_network(plans: dict, configuration: str, n_input_channels: int, n_outp
 
     What nnU-Net's ``get_network_from_plans(..., allow_init=False, deep_supervision=False)``
     builds, but the network and layer classes come from the allow-lists of
-    :mod:`bids_app.model.safety` (checked by exact name, imported from the table), never from
+    :mod:`bids_app.core.plans_allowlist` (checked by exact name, imported from the table), never from
     ``pydoc.locate`` of a string in the plans.
 
     Parameters
@@ -94,7 +94,7 @@ def build_network(plans: dict, configuration: str, n_input_channels: int, n_outp
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from bids_app.model.safety import check_plans, import_allowed
+    from bids_app.core.plans_allowlist import check_plans, import_allowed
 
     check_plans(plans, configuration)  # before nnU-Net's PlansManager reads anything
     try:
@@ -164,7 +164,7 @@ class EnsemblePredictor:
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-        from bids_app.model.safety import check_dataset_json, check_plans
+        from bids_app.core.plans_allowlist import check_dataset_json, check_plans
 
         if not members:
             raise UsageError("An ensemble needs at least one member.")

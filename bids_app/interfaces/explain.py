@@ -68,7 +68,6 @@ class ExplainLesions(SimpleInterface):
         import nibabel.orientations as nio
         import numpy as np
 
-        from bids_app.app.progress import ProgressLine
         from bids_app.bids.derivatives import dumps_json
         from bids_app.core.explain import ExplainConfig, explain_case, reorient_store
         from bids_app.core.explain.tables import SessionLesions, explanation_outputs
@@ -78,6 +77,7 @@ class ExplainLesions(SimpleInterface):
         from bids_app.interfaces.segment import network_channels, node_model
         from bids_app.model.ensemble import load_ensemble
         from bids_app.model.resolve import resolve_input_orientation
+        from bids_app.progress import ProgressLine
 
         start = time.perf_counter()
         names = list(self.inputs.channel_names)

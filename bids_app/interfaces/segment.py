@@ -55,11 +55,11 @@ class PredictLesions(SimpleInterface):
         import nibabel as nib
         import numpy as np
 
-        from bids_app.app.progress import ProgressLine
         from bids_app.core.conform import from_canonical
         from bids_app.model.ensemble import load_ensemble
         from bids_app.model.provenance import model_provenance
         from bids_app.model.resolve import resolve_input_orientation
+        from bids_app.progress import ProgressLine
 
         start = time.perf_counter()
         members = list(self.inputs.folds)

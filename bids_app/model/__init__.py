@@ -5,5 +5,6 @@
 card; ``resolve`` turns ``--model`` into a :class:`~bids_app.model.resolve.ResolvedModel` and
 verifies its files; ``orientation`` is the voxel order the network sees; ``checkpoints`` reads
 weights without unpickling code; ``ensemble`` is the one loader of the networks;
-``provenance`` is the model block of the sidecars; ``safety`` holds the allow-lists.
+``provenance`` is the model block of the sidecars. The allow-lists of what ``plans.json`` may
+name are :mod:`bids_app.core.plans_allowlist` (the core checks them again where it builds the network).
 """

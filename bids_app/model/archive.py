@@ -107,3 +107,13 @@ def extract_model_archive(archive: Path, cache_dir: Path) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def find_trainer_dirs(root: Path) -> list[Path]:
+    """Folders under ``root`` (itself included) that look like nnU-Net trained models."""
+    found = []
+    for plans in sorted(root.rglob("plans.json")):
+        d = plans.parent
+        if (d / "dataset.json").is_file() and any(p.is_dir() for p in d.glob("fold_*")):
+            found.append(d)
+    return found

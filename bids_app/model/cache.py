@@ -175,8 +175,7 @@ def _checked_entry(source: RemoteSource, entry: Path) -> Path:
 
 def _pull_locked(source: RemoteSource, cache: Path) -> Path:
     from bids_app import __version__
-    from bids_app.model.archive import extract_model_archive
-    from bids_app.model.resolve import find_trainer_dirs
+    from bids_app.model.archive import extract_model_archive, find_trainer_dirs
 
     record_info: dict[str, Any] = {}
     if source.kind == "zenodo":

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bids_app.core.plans_allowlist import is_int, is_number
 from bids_app.errors import BadInputData, MissingInput
 from bids_app.model.orientation import INPUT_ORIENTATIONS, READER_ORIENTATIONS, model_reader
-from bids_app.model.safety import is_int, is_number
 
 CARD_NAME = "msxplain_model.json"
 CARD_VERSION = 1
@@ -429,7 +429,7 @@ def infer_card(trainer_dir: Path) -> dict[str, Any]:
     so they protect the rest of the run but not against a file that was tampered with before
     (the run logs a warning saying so).
     """
-    from bids_app.model.safety import check_dataset_json
+    from bids_app.core.plans_allowlist import check_dataset_json
 
     dataset_path = trainer_dir / "dataset.json"
     dataset = read_json_file(dataset_path, "dataset.json")

@@ -251,7 +251,7 @@ def download(url: str, part: Path, *, label: str, expected_size: int | None = No
     so the next call resumes), :class:`BadInputData` when the server sends more than
     ``expected_size``.
     """
-    from bids_app.app.progress import ProgressLine
+    from bids_app.progress import ProgressLine
 
     have = part.stat().st_size if part.exists() else 0
     if expected_size is not None and have > expected_size:

@@ -3,7 +3,7 @@
 
 Checkpoints, ``plans.json`` and ``dataset.json`` are checked against the SHA-256 the card pins;
 every class name in ``plans.json`` and ``dataset.json`` that nnU-Net would resolve must be in the
-exact allow-lists of :mod:`bids_app.model.safety` (:func:`check_consistency`, and again where the
+exact allow-lists of :mod:`bids_app.core.plans_allowlist` (:func:`check_consistency`, and again where the
 network is built, :func:`bids_app.core.segment.build_network`).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bids_app import DATA_DIR
 from bids_app.errors import BadInputData, MissingInput, UsageError
-from bids_app.model.archive import default_cache_dir, extract_model_archive
+from bids_app.model.archive import default_cache_dir, extract_model_archive, find_trainer_dirs
 from bids_app.model.card import (
     CARD_NAME,
     MAX_MODEL_JSON_BYTES,
@@ -78,16 +78,6 @@ def available_model_names() -> list[str]:
         if d.is_dir():
             names.update(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
     return sorted(names)
-
-
-def find_trainer_dirs(root: Path) -> list[Path]:
-    """Folders under ``root`` (itself included) that look like nnU-Net trained models."""
-    found = []
-    for plans in sorted(root.rglob("plans.json")):
-        d = plans.parent
-        if (d / "dataset.json").is_file() and any(p.is_dir() for p in d.glob("fold_*")):
-            found.append(d)
-    return found
 
 
 def is_model_name(spec: str) -> bool:
@@ -230,7 +220,7 @@ def verify_model_files(model: ResolvedModel, *, warn: bool = False) -> dict[str,
 
     A card without ``files`` (written before msxplain pinned them) is accepted: the class
     names in these files are still held to the exact allow-lists of
-    :mod:`bids_app.model.safety`, but nothing proves the files are the released ones.
+    :mod:`bids_app.core.plans_allowlist`, but nothing proves the files are the released ones.
 
     Parameters
     ----------
@@ -279,7 +269,7 @@ def check_consistency(model: ResolvedModel) -> None:
         A checksum mismatch, an invalid or unsafe file, or a mismatch with the card; with the
         file to fix.
     """
-    from bids_app.model.safety import check_dataset_json, check_plans
+    from bids_app.core.plans_allowlist import check_dataset_json, check_plans
 
     card = model.card
     content = {name: _verified_bytes(model, name)[0] for name in MODEL_FILES}  # both, before parsing either

@@ -24,7 +24,6 @@ from typing import Any
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from bids_app.app.progress import session_label
 from bids_app.bids.discovery import SessionInputs
 from bids_app.core.explain import ExplainConfig
 from bids_app.core.metrics.evaluation import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD, DEFAULT_NDSC_R
@@ -36,6 +35,7 @@ from bids_app.interfaces.features import LesionFeatures
 from bids_app.interfaces.postprocess import PostProcess
 from bids_app.interfaces.segment import PredictLesions
 from bids_app.interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS, ComputeUncertainty
+from bids_app.progress import session_label
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 the line is rewritten in place (at most every ``refresh`` seconds); when stderr is a file or a
 pipe (batch jobs, CI) a line is printed per finished step (a member, the whole stage) and at
 most one every ``interval`` seconds in between, so logs stay short. Every finished step also
-goes to the ``bids_app.app.progress`` logger, i.e. into the run's log file.
+goes to the ``bids_app.progress`` logger, i.e. into the run's log file.
 
 Used inside Nipype worker processes (the prediction and explanation nodes), which share the
 terminal's stderr with the main process.
@@ -17,7 +17,7 @@ import sys
 import time
 from typing import TextIO
 
-LOGGER = logging.getLogger("bids_app.app.progress")
+LOGGER = logging.getLogger("bids_app.progress")
 
 
 def format_duration(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """Untrusted model folders: class names in plans.json, pinned plans/dataset files, the card schema.
 
 The attacks here ran code on msxplain before the exact allow-lists of
-:mod:`bids_app.model.safety`: nnU-Net locates the network and layer classes of ``plans.json``
+:mod:`bids_app.core.plans_allowlist`: nnU-Net locates the network and layer classes of ``plans.json``
 with ``pydoc.locate``, which follows attributes, so a name under an allowed prefix could reach
 ``torch.hub.load`` (importing a ``hubconf.py`` from a folder the plans name) or ``os.system``.
 Each attack writes a marker file if its payload runs; the marker must stay absent.
@@ -16,13 +16,19 @@ from pathlib import Path
 
 import pytest
 
+from bids_app.core.plans_allowlist import (
+    LAYER_CLASSES,
+    NETWORK_CLASSES,
+    check_dataset_json,
+    check_plans,
+    import_allowed,
+)
 from bids_app.core.segment import EnsemblePredictor, MemberInput, build_network
 from bids_app.errors import BadInputData
 from bids_app.model.card import CARD_NAME, MODEL_FILES, ModelCard, pin_model_files
 from bids_app.model.checkpoints import load_member_weights
 from bids_app.model.provenance import model_provenance
 from bids_app.model.resolve import check_consistency, resolve_model, verify_members
-from bids_app.model.safety import LAYER_CLASSES, NETWORK_CLASSES, check_dataset_json, check_plans, import_allowed
 from bids_app.testing import make_bids, run_cli
 
 CONFIG = "3d_fullres"
