@@ -44,7 +44,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bids_app.core.cohort import groupstats as G
 
-from bids_app.core.metrics.evaluation import detection_scores
+from bids_app.core.metrics.detection import detection_scores
 
 SITES = ("A", "B", "C", "D", "E")
 IN_DOMAIN = ("A", "B")

@@ -57,7 +57,7 @@ def test_demo_model_segments_a_synthetic_subject():
     import torch
 
     from bids_app.core.imageio import Image
-    from bids_app.core.metrics.evaluation import lesion_detection
+    from bids_app.core.metrics.detection import lesion_detection
     from bids_app.core.postprocess import segment_lesions
     from bids_app.model.ensemble import load_ensemble
     from bids_app.model.resolve import resolve_model

@@ -159,7 +159,7 @@ def build_parser() -> UsageArgumentParser:
     """The ``msxplain`` argument parser."""
     from bids_app import __version__
     from bids_app.app.config import ModelConfig, OutputConfig, ResourceConfig  # the defaults, written once there
-    from bids_app.core.metrics import evaluation as E
+    from bids_app.core.metrics.detection import DETECTION_METHODS
 
     parser = UsageArgumentParser(
         prog="msxplain",
@@ -253,7 +253,7 @@ def build_parser() -> UsageArgumentParser:
                      default=list(OutputConfig.lesion_uncertainty_maps),
                      help="lesion measures written as maps (each lesion painted with its value); all lesion "
                      "measures are in the lesion table anyway")
-    unc.add_argument("--detection-method", dest="detection_method", choices=E.DETECTION_METHODS,
+    unc.add_argument("--detection-method", dest="detection_method", choices=DETECTION_METHODS,
                      default=OutputConfig.detection_method, help="lesion-wise detection rule of the evaluation")
     unc.add_argument("--in-domain-sites", dest="in_domain_sites", nargs="+", metavar="SITE",
                      help="group level: sites the model was trained on (the others are reported as "

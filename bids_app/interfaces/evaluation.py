@@ -13,7 +13,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_app.core.metrics.evaluation import DEFAULT_DETECTION_THRESHOLD, DEFAULT_NDSC_R, DETECTION_METHODS
+from bids_app.core.metrics.detection import DEFAULT_DETECTION_THRESHOLD, DETECTION_METHODS
+from bids_app.core.metrics.overlap import DEFAULT_NDSC_R
 
 
 class _EvaluateSessionInputSpec(BaseInterfaceInputSpec):
@@ -47,7 +48,7 @@ class _EvaluateSessionOutputSpec(TraitedSpec):
 
 class EvaluateSession(SimpleInterface):
     """Detection, voxel, calibration metrics and retention curves
-    (:func:`bids_app.core.metrics.evaluation.evaluate_session`)."""
+    (:func:`bids_app.core.metrics.session.evaluate_session`)."""
 
     input_spec = _EvaluateSessionInputSpec
     output_spec = _EvaluateSessionOutputSpec
@@ -59,7 +60,7 @@ class EvaluateSession(SimpleInterface):
 
         from bids_app.bids.derivatives import dumps_json
         from bids_app.core.imageio import load_image
-        from bids_app.core.metrics.evaluation import evaluate_session
+        from bids_app.core.metrics.session import evaluate_session
         from bids_app.core.uncertainty import voxel_uncertainty
         from bids_app.errors import BadInputData
         from bids_app.formats.lesion_table import read_tsv, write_fragment

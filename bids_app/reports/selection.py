@@ -178,10 +178,10 @@ def evaluation_categories(instances: np.ndarray, lesion_types: dict[int, str],
 def missed_reference_lesions(instances: np.ndarray, reference: np.ndarray, connectivity: int = 18) -> np.ndarray:
     """Voxels of the reference lesions that no predicted lesion voxel overlaps (the FNL of the evaluation).
 
-    Uses :func:`bids_app.core.metrics.evaluation.classify_lesions`, so the missed lesions shown are the
+    Uses :func:`bids_app.core.metrics.detection.classify_lesions`, so the missed lesions shown are the
     ones the evaluation counted.
     """
-    from bids_app.core.metrics.evaluation import classify_lesions
+    from bids_app.core.metrics.detection import classify_lesions
 
     reference = np.asarray(reference) > 0
     if not reference.any():

@@ -251,7 +251,8 @@ def predict_cases(cfg: RecipeConfig, folds: list[str], cases: list[dict]):
 
 
 def _scores(pred_classes: np.ndarray, ref_classes: np.ndarray, connectivity: int, t: float) -> dict:
-    from bids_app.core.metrics.evaluation import dice, lesion_detection
+    from bids_app.core.metrics.detection import lesion_detection
+    from bids_app.core.metrics.overlap import dice
 
     det = lesion_detection(pred_classes > 0, ref_classes > 0, "iou_adj", t, connectivity)
     return {"F1": det["F1"], "precision": det["precision"], "recall": det["recall"], "DSC": dice(pred_classes > 0,

@@ -26,7 +26,8 @@ from nipype.pipeline import engine as pe
 
 from bids_app.bids.discovery import SessionInputs
 from bids_app.core.explain import ExplainConfig
-from bids_app.core.metrics.evaluation import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD, DEFAULT_NDSC_R
+from bids_app.core.metrics.detection import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD
+from bids_app.core.metrics.overlap import DEFAULT_NDSC_R
 from bids_app.interfaces.conform import BrainMask, ConformInputs
 from bids_app.interfaces.derivatives import DerivativesSink, SessionSummary
 from bids_app.interfaces.evaluation import EvaluateSession, LesionTable

@@ -1,5 +1,6 @@
-"""Tests of bids_app.core.metrics.evaluation: hand-computed cases, brute-force transcriptions of the
-definitions, the Metrics Reloaded object-detection fixtures, panoptica as an oracle, purity."""
+"""Tests of bids_app.core.metrics (detection, overlap, calibration, retention): hand-computed cases,
+brute-force transcriptions of the definitions, the Metrics Reloaded object-detection fixtures, panoptica
+as an oracle, purity."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bids_app.core.metrics import evaluation as E
+from bids_app.core.metrics.calibration import calibration
+from bids_app.core.metrics.detection import DETECTION_METHODS, classify_lesions, detection_scores, lesion_detection
+from bids_app.core.metrics.overlap import dice, ndsc, voxel_metrics, voxel_rates
+from bids_app.core.metrics.retention import (
+    LESION_RC_METRICS,
+    lesion_retention_baselines,
+    lesion_retention_curve,
+    patient_retention_curve,
+    voxel_retention_curve,
+)
 from bids_app.core.postprocess import label_components
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "metricsreloaded_object_detection"
@@ -51,7 +61,7 @@ def test_connectivity_check_from_spec():
         mask[v] = True
     for conn, n in ((6, 3), (18, 2), (26, 1)):
         assert label_components(mask, conn)[1] == n
-        out = E.lesion_detection(mask, mask, "iou", 0.5, conn)
+        out = lesion_detection(mask, mask, "iou", 0.5, conn)
         assert out["n_pred_lesions"] == out["n_ref_lesions"] == out["TPL"] == n
         assert out["connectivity"] == conn
 
@@ -63,17 +73,17 @@ def test_split_reference_lesion_iou_adj_vs_iou():
     pred = np.zeros_like(ref)
     pred[0:4, 1, 1] = True
     pred[6:10, 1, 1] = True
-    adj = E.classify_lesions(pred, ref, "iou_adj", 0.5, 26)
+    adj = classify_lesions(pred, ref, "iou_adj", 0.5, 26)
     # K' = ref (10); Q = the other piece (4) -> 4 / |P ∪ (K' \ Q)| = 4 / 6
     np.testing.assert_allclose(adj.pred_score, [4 / 6, 4 / 6])
     assert adj.pred_type.tolist() == ["TPL", "TPL"] and adj.ref_detected.tolist() == [True]
-    iou = E.classify_lesions(pred, ref, "iou", 0.5, 26)
+    iou = classify_lesions(pred, ref, "iou", 0.5, 26)
     np.testing.assert_allclose(iou.pred_score, [0.4, 0.4])
     assert iou.pred_type.tolist() == ["USL", "USL"]
-    out = E.lesion_detection(pred, ref, "iou", 0.5, 26)
+    out = lesion_detection(pred, ref, "iou", 0.5, 26)
     assert (out["TPL"], out["USL"], out["FPL"], out["FNL"]) == (0, 2, 0, 0)
     assert out["F1"] == 0.0 and out["recall"] == 1.0 and out["precision"] == 0.0 and out["USL_rate"] == 1.0
-    nz = E.lesion_detection(pred, ref, "non_zero", 0.9, 26)
+    nz = lesion_detection(pred, ref, "non_zero", 0.9, 26)
     assert (nz["TPL"], nz["USL"], nz["F1"]) == (2, 0, 1.0)
 
 
@@ -104,11 +114,11 @@ def _brute_types(pred, ref, method, t, conn):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("method", E.DETECTION_METHODS)
+@pytest.mark.parametrize("method", DETECTION_METHODS)
 def test_detection_matches_brute_force(seed, method):
     pred, ref = _random_pair(seed)
     conn = (6, 18, 26)[seed % 3]
-    res = E.classify_lesions(pred, ref, method, 0.3, conn)
+    res = classify_lesions(pred, ref, method, 0.3, conn)
     scores, types, fnl = _brute_types(pred, ref, method, 0.3, conn)
     np.testing.assert_allclose(res.pred_score, scores, rtol=1e-12)
     assert res.pred_type.tolist() == types.tolist()
@@ -119,20 +129,20 @@ def test_zero_denominator_conventions():
     empty = np.zeros((6, 6, 6), dtype=bool)
     some = empty.copy()
     some[1:3, 1:3, 1:3] = True
-    both_empty = E.lesion_detection(empty, empty)
+    both_empty = lesion_detection(empty, empty)
     assert (both_empty["F1"], both_empty["recall"], both_empty["precision"], both_empty["USL_rate"]) \
         == (1.0, 1.0, 1.0, 0.0)
-    no_pred = E.lesion_detection(empty, some)
+    no_pred = lesion_detection(empty, some)
     assert (no_pred["F1"], no_pred["recall"], no_pred["precision"], no_pred["USL_rate"]) == (0.0, 0.0, 0.0, 1.0)
     assert no_pred["FNL"] == 1
-    no_ref = E.lesion_detection(some, empty)
+    no_ref = lesion_detection(some, empty)
     assert (no_ref["F1"], no_ref["recall"], no_ref["precision"], no_ref["USL_rate"]) == (0.0, 1.0, 0.0, 0.0)
     assert no_ref["FPL"] == 1
     assert no_ref["method"] == "iou_adj" and no_ref["threshold"] == 0.1 and no_ref["connectivity"] == 26
     with pytest.raises(ValueError, match="method"):
-        E.lesion_detection(some, some, "dice")
+        lesion_detection(some, some, "dice")
     with pytest.raises(ValueError, match="threshold"):
-        E.lesion_detection(some, some, "iou", 0.0)
+        lesion_detection(some, some, "iou", 0.0)
 
 
 def test_threshold_tie_is_tpl():
@@ -140,16 +150,16 @@ def test_threshold_tie_is_tpl():
     ref[0:4, 1, 1] = True
     pred = np.zeros_like(ref)
     pred[0:2, 1, 1] = True  # IoU exactly 0.5
-    assert E.classify_lesions(pred, ref, "iou", 0.5, 6).pred_type.tolist() == ["TPL"]
-    assert E.classify_lesions(pred, ref, "iou", 0.5000001, 6).pred_type.tolist() == ["USL"]
+    assert classify_lesions(pred, ref, "iou", 0.5, 6).pred_type.tolist() == ["TPL"]
+    assert classify_lesions(pred, ref, "iou", 0.5000001, 6).pred_type.tolist() == ["USL"]
 
 
 def test_two_d_input_is_a_one_slice_volume():
     pred, ref = _random_pair(5, shape=(40, 40, 1))
-    three = E.lesion_detection(pred, ref, "iou_adj", 0.25, 6)
-    two = E.lesion_detection(pred[..., 0], ref[..., 0], "iou_adj", 0.25, 6)
+    three = lesion_detection(pred, ref, "iou_adj", 0.25, 6)
+    two = lesion_detection(pred[..., 0], ref[..., 0], "iou_adj", 0.25, 6)
     assert two == three
-    assert E.dice(pred[..., 0], ref[..., 0]) == E.dice(pred, ref)
+    assert dice(pred[..., 0], ref[..., 0]) == dice(pred, ref)
 
 
 def test_pred_instances_align_with_given_labels():
@@ -158,13 +168,13 @@ def test_pred_instances_align_with_given_labels():
     shuffled = np.zeros_like(labels)
     perm = np.random.default_rng(0).permutation(n) + 1
     shuffled[labels > 0] = perm[labels[labels > 0] - 1]
-    a = E.classify_lesions(pred, ref, "iou_adj", 0.2, 18)
-    b = E.classify_lesions(None, ref, "iou_adj", 0.2, 18, pred_instances=shuffled)
+    a = classify_lesions(pred, ref, "iou_adj", 0.2, 18)
+    b = classify_lesions(None, ref, "iou_adj", 0.2, 18, pred_instances=shuffled)
     np.testing.assert_allclose(b.pred_score[perm - 1], a.pred_score)
     gap = shuffled.copy()
     gap[gap == 1] = 0  # label 1 no longer used
     with pytest.raises(ValueError, match="every label"):
-        E.classify_lesions(None, ref, "iou_adj", 0.2, 18, pred_instances=gap)
+        classify_lesions(None, ref, "iou_adj", 0.2, 18, pred_instances=gap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,15 +202,15 @@ def test_metricsreloaded_objects_pairwise():
     scores = []
     totals = {"TPL": 0, "FPL": 0, "USL": 0, "FNL": 0}
     for r, p in zip(refs, preds):
-        res = E.classify_lesions(p, r, "iou", 0.5, 26)
+        res = classify_lesions(p, r, "iou", 0.5, 26)
         scores.append(res.pred_score[0] if res.pred_score.size else 0.0)
         for k, v in res.counts.items():
             totals[k] += v
     np.testing.assert_allclose(scores, [0.516, 0.0, 0.788, 0.036, 0.218], atol=5e-4)
     assert totals == {"TPL": 2, "FPL": 0, "USL": 2, "FNL": 1}
     # off-diagonal: only ref5 / pred3 overlap (IoU 0.013)
-    assert E.classify_lesions(preds[2], refs[4], "iou", 0.5, 26).pred_score[0] == pytest.approx(0.013, abs=5e-4)
-    assert E.detection_scores(totals["TPL"], totals["FPL"], totals["USL"], totals["FNL"])["F1"] == pytest.approx(4 / 7)
+    assert classify_lesions(preds[2], refs[4], "iou", 0.5, 26).pred_score[0] == pytest.approx(0.013, abs=5e-4)
+    assert detection_scores(totals["TPL"], totals["FPL"], totals["USL"], totals["FNL"])["F1"] == pytest.approx(4 / 7)
 
 
 def test_metricsreloaded_objects_as_one_image():
@@ -213,13 +223,13 @@ def test_metricsreloaded_objects_as_one_image():
     refs, preds = _fixtures()
     ref, pred = np.any(refs, axis=0), np.any(preds, axis=0)
     for conn in (6, 26):
-        iou = E.lesion_detection(pred, ref, "iou", 0.5, conn)
+        iou = lesion_detection(pred, ref, "iou", 0.5, conn)
         counts = (iou["n_ref_lesions"], iou["n_pred_lesions"], iou["TPL"], iou["USL"], iou["FPL"], iou["FNL"])
         assert counts == (4, 4, 1, 3, 0, 1)
-        res = E.classify_lesions(pred, ref, "iou_adj", 0.5, conn)
+        res = classify_lesions(pred, ref, "iou_adj", 0.5, conn)
         # predicted lesions in raster order: pred4, pred5, pred1, pred3
         np.testing.assert_allclose(res.pred_score, [1 / 28, 0.2009, 0.5155, 361 / 758], atol=5e-5)
-    assert E.lesion_detection(pred, ref, "non_zero", 0.5, 26)["F1"] == pytest.approx(8 / 9)
+    assert lesion_detection(pred, ref, "non_zero", 0.5, 26)["F1"] == pytest.approx(8 / 9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,10 +252,10 @@ def test_panoptica_oracle(seed):
             decision_metric=panoptica.Metric.IOU, decision_threshold=threshold,
         )
         res = evaluator.evaluate(pred.astype(np.uint8), ref.astype(np.uint8), verbose=False)["ungrouped"]
-        ours = E.lesion_detection(pred, ref, "iou", threshold, 26)
+        ours = lesion_detection(pred, ref, "iou", threshold, 26)
         assert res.tp == ours["TPL"]
         assert res.n_pred_instances == ours["n_pred_lesions"] and res.n_ref_instances == ours["n_ref_lesions"]
-        assert res.global_bin_dsc == pytest.approx(E.dice(pred, ref), abs=1e-12)
+        assert res.global_bin_dsc == pytest.approx(dice(pred, ref), abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,25 +268,25 @@ def test_dice_ndsc_and_rates():
     pred = np.zeros_like(ref)
     ref.reshape(-1)[:10] = True
     pred.reshape(-1)[5:15] = True  # TP 5, FN 5, FP 5
-    assert E.dice(pred, ref) == pytest.approx(0.5)
+    assert dice(pred, ref) == pytest.approx(0.5)
     k = (1 - 0.001) * 10 / (0.001 * (n - 10))
-    assert E.ndsc(pred, ref, 0.001) == pytest.approx(10 / (10 + 5 + k * 5))
-    assert E.ndsc(pred, ref, 10 / n) == pytest.approx(0.5)  # r = actual load -> k = 1 -> DSC
+    assert ndsc(pred, ref, 0.001) == pytest.approx(10 / (10 + 5 + k * 5))
+    assert ndsc(pred, ref, 10 / n) == pytest.approx(0.5)  # r = actual load -> k = 1 -> DSC
     empty = np.zeros_like(ref)
-    assert E.dice(empty, empty) == 1.0 and E.ndsc(empty, empty) == 1.0
-    assert E.ndsc(pred, empty) == 0.0  # k = 1 for an empty reference
+    assert dice(empty, empty) == 1.0 and ndsc(empty, empty) == 1.0
+    assert ndsc(pred, empty) == 0.0  # k = 1 for an empty reference
     full = np.ones_like(ref)
-    assert E.ndsc(full, full) == 1.0  # |Y| = N -> k = 1
-    rates = E.voxel_rates(pred, ref)
+    assert ndsc(full, full) == 1.0  # |Y| = N -> k = 1
+    rates = voxel_rates(pred, ref)
     assert rates == pytest.approx({"TPRvox": 0.5, "FPRvox": 5 / 990, "FDRvox": 0.5})
-    assert E.voxel_rates(empty, empty) == {"TPRvox": 1.0, "FPRvox": 0.0, "FDRvox": 0.0}
-    no_ref = E.voxel_rates(pred, empty)
+    assert voxel_rates(empty, empty) == {"TPRvox": 1.0, "FPRvox": 0.0, "FDRvox": 0.0}
+    no_ref = voxel_rates(pred, empty)
     assert np.isnan(no_ref["TPRvox"]) and no_ref["FDRvox"] == 1.0
-    assert E.voxel_rates(empty, ref)["FDRvox"] == 0.0
+    assert voxel_rates(empty, ref)["FDRvox"] == 0.0
     brain = np.zeros_like(ref)
     brain.reshape(-1)[:100] = True
-    assert E.ndsc(pred, ref, 0.001, mask=brain) == pytest.approx(10 / (10 + 5 + (0.999 * 10 / (0.001 * 90)) * 5))
-    vm = E.voxel_metrics(pred, ref, 0.001)
+    assert ndsc(pred, ref, 0.001, mask=brain) == pytest.approx(10 / (10 + 5 + (0.999 * 10 / (0.001 * 90)) * 5))
+    vm = voxel_metrics(pred, ref, 0.001)
     assert set(vm) == {"DSC", "nDSC", "TPRvox", "FPRvox", "FDRvox", "ndsc_r"}
 
 
@@ -288,7 +298,7 @@ def test_calibration_matches_sklearn():
     prob = rng.beta(0.3, 2.0, size=(20, 20, 20))
     prob.reshape(-1)[:50] = 2 / 30  # exactly on an inner edge: lower bin, as sklearn
     ref = rng.uniform(size=prob.shape) < prob
-    res = E.calibration(prob, ref)
+    res = calibration(prob, ref)
     prob_true, prob_pred = calibration_curve(ref.reshape(-1), prob.reshape(-1), n_bins=30)
     assert res["CE"] == pytest.approx(np.mean(np.abs(prob_pred - prob_true)), rel=1e-12)
     assert res["Brier"] == pytest.approx(brier_score_loss(ref.reshape(-1), prob.reshape(-1)), rel=1e-12)
@@ -305,7 +315,7 @@ def test_calibration_matches_sklearn():
     assert res["ECE"] == pytest.approx(ece, rel=1e-12) and res["MCE"] == pytest.approx(mce, rel=1e-12)
     assert res["n_bins"] == 30
     with pytest.raises(ValueError):
-        E.calibration(prob + 1, ref)
+        calibration(prob + 1, ref)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +330,8 @@ def _brute_voxel_rc(pred, ref, u, fracs, r):
     for f in fracs:
         pos = int(n * f)
         cur = np.concatenate([p[:pos], g[pos:]])
-        dsc.append(E.dice(cur[:, None, None], g[:, None, None]))
-        nd.append(E.ndsc(cur[:, None, None], g[:, None, None], r))
+        dsc.append(dice(cur[:, None, None], g[:, None, None]))
+        nd.append(ndsc(cur[:, None, None], g[:, None, None], r))
     return np.array(dsc), np.array(nd)
 
 
@@ -332,14 +342,14 @@ def test_voxel_retention_matches_brute_force_with_ties(seed):
     pred = ref ^ (rng.uniform(size=ref.shape) < 0.08)
     u = np.round(rng.uniform(size=ref.shape), 1)  # 11 distinct values: massive ties
     fracs = np.linspace(0, 1, 57)
-    curves = E.voxel_retention_curve(pred, ref, u, fracs=fracs, r=0.01)
+    curves = voxel_retention_curve(pred, ref, u, fracs=fracs, r=0.01)
     dsc, nd = _brute_voxel_rc(pred, ref, u, fracs, 0.01)
     np.testing.assert_allclose(curves["DSC"].values, dsc, rtol=1e-12)
     np.testing.assert_allclose(curves["nDSC"].values, nd, rtol=1e-12)
     for c in curves.values():
         assert c.auc + c.aac == pytest.approx(1.0) and c.values[0] == 1.0  # nothing retained: all reference
     assert curves["DSC"].auc == pytest.approx(np.trapezoid(dsc, fracs))
-    default = E.voxel_retention_curve(pred, ref, u)
+    default = voxel_retention_curve(pred, ref, u)
     assert default["DSC"].fracs.size == 400
 
 
@@ -348,24 +358,24 @@ def test_voxel_retention_tie_break_is_flat_index_order():
     ref = np.zeros((4, 1, 1), dtype=bool)
     pred = np.array([True, False, False, False])[:, None, None]  # voxel 0 is a FP
     ref[3] = True  # voxel 3 is a FN
-    curve = E.voxel_retention_curve(pred, ref, np.zeros(ref.shape), metrics=["DSC"], fracs=[0, 0.25, 0.5, 0.75, 1.0])
+    curve = voxel_retention_curve(pred, ref, np.zeros(ref.shape), metrics=["DSC"], fracs=[0, 0.25, 0.5, 0.75, 1.0])
     # keep 1 voxel: FP kept, FN replaced -> DSC 2/3; keep all -> 0
     np.testing.assert_allclose(curve["DSC"].values, [1.0, 2 / 3, 2 / 3, 2 / 3, 0.0])
 
 
 def test_lesion_retention_hand_example():
     types = ["TPL", "FPL", "USL"]
-    curve = E.lesion_retention_curve(types, np.array([0.1, 0.9, 0.5]), n_fn=1, metric="LF1", fracs=[0, 1 / 3, 2 / 3, 1])
+    curve = lesion_retention_curve(types, np.array([0.1, 0.9, 0.5]), n_fn=1, metric="LF1", fracs=[0, 1 / 3, 2 / 3, 1])
     np.testing.assert_allclose(curve.values, [0.8, 0.8, 0.5, 0.4])
     assert curve.auc == pytest.approx((0.8 + 0.65 + 0.45) / 3) and curve.aac == pytest.approx(1 - curve.auc)
-    lppv = E.lesion_retention_curve(types, np.array([0.1, 0.9, 0.5]), n_fn=1, metric="LPPV", fracs=[0, 1 / 3, 2 / 3, 1])
+    lppv = lesion_retention_curve(types, np.array([0.1, 0.9, 0.5]), n_fn=1, metric="LPPV", fracs=[0, 1 / 3, 2 / 3, 1])
     np.testing.assert_allclose(lppv.values, [1.0, 1.0, 0.5, 1 / 3])
     # ties: rejected in row order; NaN = most uncertain (rejected first)
-    tied = E.lesion_retention_curve(types, np.array([0.5, 0.5, 0.5]), 1, "LF1", fracs=[0, 1 / 3, 2 / 3, 1])
+    tied = lesion_retention_curve(types, np.array([0.5, 0.5, 0.5]), 1, "LF1", fracs=[0, 1 / 3, 2 / 3, 1])
     np.testing.assert_allclose(tied.values, [0.8, 0.5, 0.4, 0.4])  # TPL, FPL, USL rejected in that order
-    nan_first = E.lesion_retention_curve(types, np.array([0.9, np.nan, 0.5]), 1, "LF1", fracs=[0, 1 / 3, 2 / 3, 1])
+    nan_first = lesion_retention_curve(types, np.array([0.9, np.nan, 0.5]), 1, "LF1", fracs=[0, 1 / 3, 2 / 3, 1])
     np.testing.assert_allclose(nan_first.values, [0.8, 0.5, 0.5, 0.4])  # FPL (NaN), TPL (0.9), USL (0.5)
-    empty = E.lesion_retention_curve([], np.array([]), n_fn=2, metric="LPPV")
+    empty = lesion_retention_curve([], np.array([]), n_fn=2, metric="LPPV")
     assert np.all(empty.values == 1.0) and empty.auc == pytest.approx(1.0)
 
 
@@ -376,8 +386,8 @@ def test_lesion_retention_matches_reference_interp1d_and_baselines():
     types = rng.choice(["TPL", "FPL", "USL"], size=23)
     u = rng.uniform(size=23)
     fracs = np.linspace(0, 1, 400)
-    for metric in E.LESION_RC_METRICS:
-        curve = E.lesion_retention_curve(types, u, 4, metric)
+    for metric in LESION_RC_METRICS:
+        curve = lesion_retention_curve(types, u, 4, metric)
         # reference: argsort ascending then reversed (no ties here), rejection updates, slinear interp
         lt = types[np.argsort(u)][::-1].copy()
 
@@ -395,23 +405,23 @@ def test_lesion_retention_matches_reference_interp1d_and_baselines():
         ref = interp1d([k / lt.size for k in range(lt.size + 1)], vals[::-1], kind="slinear",
                        fill_value="extrapolate")(fracs)
         np.testing.assert_allclose(curve.values, ref, rtol=1e-12)
-        base = E.lesion_retention_baselines(types, 4, metric, seed=0)
+        base = lesion_retention_baselines(types, 4, metric, seed=0)
         assert base["ideal"].auc >= curve.auc and base["ideal"].auc >= base["random"].auc
-        again = E.lesion_retention_baselines(types, 4, metric, seed=0)
+        again = lesion_retention_baselines(types, 4, metric, seed=0)
         np.testing.assert_array_equal(again["random"].values, base["random"].values)
 
 
 def test_patient_retention_curve():
     u = np.array([0.2, 0.9, 0.5])
     dsc = np.array([0.8, 0.3, 0.6])
-    curve = E.patient_retention_curve(u, dsc)
+    curve = patient_retention_curve(u, dsc)
     # replace most uncertain first: [0.8,0.3,0.6] -> [0.8,1,0.6] -> [0.8,1,1] -> [1,1,1]; reversed
     np.testing.assert_allclose(curve.values, [1.0, 2.8 / 3, 2.4 / 3, 1.7 / 3])
     np.testing.assert_allclose(curve.fracs, [0, 1 / 3, 2 / 3, 1])
     assert curve.auc == pytest.approx(np.trapezoid(curve.values, curve.fracs))
     assert curve.aac == pytest.approx(1 - curve.auc)
     with pytest.raises(ValueError):
-        E.patient_retention_curve([], [])
+        patient_retention_curve([], [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,19 +437,19 @@ def test_functions_do_not_modify_inputs():
     ro = {k: _readonly(v) for k, v in dict(pred=pred, ref=ref, prob=prob, u=u, brain=brain).items()}
     labels, _ = label_components(pred, 26)
     ro_labels = _readonly(labels)
-    E.classify_lesions(ro["pred"], ro["ref"], "iou_adj", 0.1, 26)
-    E.classify_lesions(None, ro["ref"], "iou", 0.1, 26, pred_instances=ro_labels)
-    E.lesion_detection(ro["pred"], ro["ref"])
-    E.dice(ro["pred"], ro["ref"], ro["brain"])
-    E.ndsc(ro["pred"], ro["ref"], 0.001, ro["brain"])
-    E.voxel_rates(ro["pred"], ro["ref"], ro["brain"])
-    E.voxel_metrics(ro["pred"], ro["ref"], mask=ro["brain"])
-    E.calibration(ro["prob"], ro["ref"], mask=ro["brain"])
-    E.voxel_retention_curve(ro["pred"], ro["ref"], ro["u"], mask=ro["brain"])
+    classify_lesions(ro["pred"], ro["ref"], "iou_adj", 0.1, 26)
+    classify_lesions(None, ro["ref"], "iou", 0.1, 26, pred_instances=ro_labels)
+    lesion_detection(ro["pred"], ro["ref"])
+    dice(ro["pred"], ro["ref"], ro["brain"])
+    ndsc(ro["pred"], ro["ref"], 0.001, ro["brain"])
+    voxel_rates(ro["pred"], ro["ref"], ro["brain"])
+    voxel_metrics(ro["pred"], ro["ref"], mask=ro["brain"])
+    calibration(ro["prob"], ro["ref"], mask=ro["brain"])
+    voxel_retention_curve(ro["pred"], ro["ref"], ro["u"], mask=ro["brain"])
     types = _readonly(np.array(["TPL", "FPL", "USL"]))
     lu = _readonly(np.array([0.3, 0.2, 0.1]))
-    E.lesion_retention_curve(types, lu, 1)
-    E.lesion_retention_baselines(types, 1)
-    E.patient_retention_curve(lu, _readonly(np.array([0.5, 0.6, 0.7])))
+    lesion_retention_curve(types, lu, 1)
+    lesion_retention_baselines(types, 1)
+    patient_retention_curve(lu, _readonly(np.array([0.5, 0.6, 0.7])))
     for name, arr in dict(pred=pred, ref=ref, prob=prob, u=u, brain=brain).items():
         np.testing.assert_array_equal(ro[name], arr)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from bids_app.core.cohort import groupstats as G
-from bids_app.core.metrics.evaluation import detection_scores, patient_retention_curve
+from bids_app.core.metrics.detection import detection_scores
+from bids_app.core.metrics.retention import patient_retention_curve
 
 #: Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges
 SHROUT_FLEISS = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]],

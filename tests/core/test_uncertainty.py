@@ -375,14 +375,15 @@ def test_functions_do_not_modify_inputs():
 
 def test_lesion_types_line_up_with_the_lesion_table():
     """Evaluation on the ensemble's own labels gives one type per table row (lesion retention)."""
-    from bids_app.core.metrics import evaluation as E
+    from bids_app.core.metrics.detection import classify_lesions
+    from bids_app.core.metrics.retention import lesion_retention_curve
 
     bench = _bench()
     probs, _ = bench.synthetic_ensemble((30, 34, 28), n_members=3, n_lesions=10, seed=5)
     res = U.compute_uncertainty(probs, threshold=0.5, min_size=3, connectivity=18)
     ref = res.segmentation.instances > 0
     ref[:, :, : ref.shape[2] // 2] = False  # drop half of the lesions from the "reference"
-    types = E.classify_lesions(None, ref, "iou_adj", 0.1, 18, pred_instances=res.segmentation.instances)
+    types = classify_lesions(None, ref, "iou_adj", 0.1, 18, pred_instances=res.segmentation.instances)
     assert types.pred_type.size == len(res.lesions)
-    curve = E.lesion_retention_curve(types.pred_type, res.lesions["LSU"].to_numpy(), types.counts["FNL"], "LF1")
+    curve = lesion_retention_curve(types.pred_type, res.lesions["LSU"].to_numpy(), types.counts["FNL"], "LF1")
     assert 0.0 <= curve.auc <= 1.0 and curve.aac == pytest.approx(1 - curve.auc)

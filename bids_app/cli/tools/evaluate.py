@@ -30,7 +30,14 @@ HELP = "lesion-wise detection, voxel and calibration metrics of a mask against a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bids_app.cli.parser import number, positive_int
-    from bids_app.core.metrics import evaluation as E
+    from bids_app.core.metrics.calibration import CALIBRATION_BINS
+    from bids_app.core.metrics.detection import (
+        DEFAULT_CONNECTIVITY,
+        DEFAULT_DETECTION_THRESHOLD,
+        DEFAULT_METHOD,
+        DETECTION_METHODS,
+    )
+    from bids_app.core.metrics.overlap import DEFAULT_NDSC_R
 
     parser.add_argument("--pred", required=True, type=Path, metavar="MASK",
                         help="predicted lesion mask (non-zero = lesion)")
@@ -41,16 +48,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="voxel uncertainty map: adds voxel retention-curve AUC/AAC (DSC, nDSC)")
     parser.add_argument("--brain-mask", type=Path, default=None, metavar="MASK",
                         help="voxels considered by the voxel metrics, calibration and retention curves")
-    parser.add_argument("--method", choices=E.DETECTION_METHODS, default=E.DEFAULT_METHOD,
+    parser.add_argument("--method", choices=DETECTION_METHODS, default=DEFAULT_METHOD,
                         help="lesion matching rule (default %(default)s)")
     parser.add_argument("--detection-threshold", type=number(float, gt=0.0, le=1.0),
-                        default=E.DEFAULT_DETECTION_THRESHOLD, metavar="T",
+                        default=DEFAULT_DETECTION_THRESHOLD, metavar="T",
                         help="IoU threshold of a true-positive lesion, in (0, 1] (default %(default)s)")
-    parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=E.DEFAULT_CONNECTIVITY,
+    parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=DEFAULT_CONNECTIVITY,
                         help="lesion connectivity (default %(default)s, as Bench-Explain)")
-    parser.add_argument("--ndsc-r", type=number(float, gt=0.0, lt=1.0), default=E.DEFAULT_NDSC_R, metavar="R",
+    parser.add_argument("--ndsc-r", type=number(float, gt=0.0, lt=1.0), default=DEFAULT_NDSC_R, metavar="R",
                         help="reference lesion load of nDSC (default %(default)s; 2e-5 for cortical lesions)")
-    parser.add_argument("--n-bins", type=positive_int, default=E.CALIBRATION_BINS, metavar="N",
+    parser.add_argument("--n-bins", type=positive_int, default=CALIBRATION_BINS, metavar="N",
                         help="calibration bins (default %(default)s)")
     parser.add_argument("--out", required=True, type=Path, metavar="FILE.json", help="output JSON file")
 
@@ -76,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
     from bids_app import __version__
     from bids_app.bids.derivatives import atomic_write_text, dumps_json
     from bids_app.cli.tools.uncertainty import input_record
-    from bids_app.core.metrics import evaluation as E
+    from bids_app.core.metrics.calibration import calibration
+    from bids_app.core.metrics.detection import lesion_detection
+    from bids_app.core.metrics.overlap import voxel_metrics
+    from bids_app.core.metrics.retention import RC_POINTS, voxel_retention_curve
 
     pred, affine = _load(Path(args.pred), "prediction")
     grid = dict(ref_shape=pred.shape, ref_affine=affine, ref_path=Path(args.pred))
@@ -86,10 +96,10 @@ def run(args: argparse.Namespace) -> int:
         mask = _load(Path(args.brain_mask), "brain mask", **grid)[0] > 0
 
     out: dict = {}
-    det = E.lesion_detection(pred > 0, ref > 0, args.method, args.detection_threshold, args.connectivity)
+    det = lesion_detection(pred > 0, ref > 0, args.method, args.detection_threshold, args.connectivity)
     det["detection_threshold"] = det.pop("threshold")
     out.update(det)
-    out.update(E.voxel_metrics(pred > 0, ref > 0, r=args.ndsc_r, mask=mask))
+    out.update(voxel_metrics(pred > 0, ref > 0, r=args.ndsc_r, mask=mask))
     inputs = {"pred": input_record(Path(args.pred)), "ref": input_record(Path(args.ref))}
     if args.prob is not None:
         prob, _ = _load(Path(args.prob), "probability map", **grid)
@@ -97,17 +107,17 @@ def run(args: argparse.Namespace) -> int:
         if not (lo >= 0 and hi <= 1):
             raise BadInputData(f"Probabilities must lie in [0, 1] (found min {lo}, max {hi}).", path=str(args.prob),
                                hint="give a lesion probability map, not logits.")
-        out.update(E.calibration(prob, ref > 0, n_bins=args.n_bins, mask=mask))
+        out.update(calibration(prob, ref > 0, n_bins=args.n_bins, mask=mask))
         inputs["prob"] = input_record(Path(args.prob))
     out["n_bins"] = int(args.n_bins)
     if args.uncertainty is not None:
         unc, _ = _load(Path(args.uncertainty), "uncertainty map", **grid)
-        curves = E.voxel_retention_curve(pred > 0, ref > 0, unc, r=args.ndsc_r, mask=mask)
+        curves = voxel_retention_curve(pred > 0, ref > 0, unc, r=args.ndsc_r, mask=mask)
         for name, curve in curves.items():
             out[f"voxel_RC_{name}_AUC"] = curve.auc
             out[f"voxel_RC_{name}_AAC"] = curve.aac
         inputs["uncertainty"] = input_record(Path(args.uncertainty))
-    out["rc_points"] = E.RC_POINTS
+    out["rc_points"] = RC_POINTS
     if mask is not None:
         inputs["brain_mask"] = input_record(Path(args.brain_mask))
     out["brain_mask_given"] = mask is not None

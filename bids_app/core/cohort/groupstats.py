@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from bids_app.core.metrics.evaluation import RetentionCurve, detection_scores, patient_retention_curve
+from bids_app.core.metrics.detection import detection_scores
+from bids_app.core.metrics.retention import RetentionCurve, patient_retention_curve
 
 #: default number of bootstrap resamples and CI level
 N_BOOT = 1000
@@ -274,7 +275,7 @@ def detection_summary(
     sessions : DataFrame or sequence of dict
         One row (dict) per evaluated session with the counts ``TPL, FPL, USL, FNL`` and the
         per-session metrics (e.g. the output of
-        :func:`bids_app.core.metrics.evaluation.lesion_detection` plus voxel metrics and ``site``).
+        :func:`bids_app.core.metrics.detection.lesion_detection` plus voxel metrics and ``site``).
     by : str or sequence of str
         Grouping columns; absent ones are skipped (``domain`` is added when
         ``in_domain_sites`` is given).
@@ -341,7 +342,7 @@ def patient_retention_table(
 ) -> tuple[pd.DataFrame, dict[tuple, RetentionCurve]]:
     """Patient-scale retention curves (§2.7) for every (uncertainty measure, metric) pair.
 
-    Uses :func:`bids_app.core.metrics.evaluation.patient_retention_curve` on the rows where both values
+    Uses :func:`bids_app.core.metrics.retention.patient_retention_curve` on the rows where both values
     are finite.
 
     Returns
