@@ -9,7 +9,7 @@ nested metric dicts, then
 * ``summarise`` of 12 session variables by site and domain;
 * ``patient_retention_table``: 3 patient uncertainties x 2 metrics, overall and per site;
 * ``icc_table``: 10 lesion features of 60 lesions measured at the 5 sites (ICC(3,1), ICC(3,k));
-* ``explain_uncertainty`` on 2000 lesions x 12 features: ElasticNet + RFE, 10 repeats of 5-fold
+* ``uncertainty_drivers`` on 2000 lesions x 12 features: ElasticNet + RFE, 10 repeats of 5-fold
   CV, default (small) grid; optionally ``--full-grid`` (the spec's 200 candidates) and
   ``--forest``.
 
@@ -39,10 +39,14 @@ import numpy as np
 import pandas as pd
 
 try:
-    from bids_app.core.cohort import groupstats as G
+    from bids_app.core.cohort import summary
+    from bids_app.core.cohort.drivers import uncertainty_drivers
+    from bids_app.core.cohort.icc import icc_table
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bids_app.core.cohort import groupstats as G
+    from bids_app.core.cohort import summary
+    from bids_app.core.cohort.drivers import uncertainty_drivers
+    from bids_app.core.cohort.icc import icc_table
 
 from bids_app.core.metrics.detection import detection_scores
 
@@ -133,49 +137,49 @@ def group_benchmark(args, timer: Timer) -> None:
 
     timer("imports (scipy.stats, sklearn; once per process)", imports)
     sessions = synthetic_sessions(args.participants)
-    table = timer("sessions_table (flatten 1000 nested dicts)", G.sessions_table, sessions)
-    res = timer("detection_summary (pooled + 11 metrics, all/site/domain)", G.detection_summary, table,
+    table = timer("sessions_table (flatten 1000 nested dicts)", summary.sessions_table, sessions)
+    res = timer("detection_summary (pooled + 11 metrics, all/site/domain)", summary.detection_summary, table,
                 in_domain_sites=IN_DOMAIN, counts_prefix="detection_")
-    table["domain"] = G.assign_domain(table["site"], IN_DOMAIN)
+    table["domain"] = summary.assign_domain(table["site"], IN_DOMAIN)
     cols = ["voxel_DSC", "voxel_nDSC", "voxel_TPRvox", "voxel_FDRvox", "uncertainty_PSU", "uncertainty_PSU_plus",
             "uncertainty_mean_MI", "lesions_n_lesions", "lesions_total_volume_mm3", "detection_F1",
             "detection_recall", "detection_precision"]
-    summ = timer("summarise (12 variables, all/site/domain)", G.summarise, table, cols, by=("site", "domain"))
-    rc, _ = timer("patient_retention_table (3 x 2, all/site)", G.patient_retention_table, table,
+    summ = timer("summarise (12 variables, all/site/domain)", summary.summarise, table, cols, by=("site", "domain"))
+    rc, _ = timer("patient_retention_table (3 x 2, all/site)", summary.patient_retention_table, table,
                   ["uncertainty_PSU", "uncertainty_PSU_plus", "uncertainty_mean_MI"], ["voxel_DSC", "voxel_nDSC"],
                   by="site")
     trav = travelling_lesions()
-    icc = timer("icc_table (10 features, 60 lesions x 5 sites)", G.icc_table, trav, "lesion", "site",
+    icc = timer("icc_table (10 features, 60 lesions x 5 sites)", icc_table, trav, "lesion", "site",
                 [f"f{j}" for j in range(10)])
     lesions = synthetic_lesions(args.lesions)
     feats = [c for c in lesions.columns if c not in ("LSU", "site")]
-    reg = timer(f"explain_uncertainty ({args.lesions} lesions, 12 features, small grid, 10 x 5-fold)",
-                G.explain_uncertainty, lesions, "LSU", feats, test_mask=lesions.site == "E")
+    reg = timer(f"uncertainty_drivers ({args.lesions} lesions, 12 features, small grid, 10 x 5-fold)",
+                uncertainty_drivers, lesions, "LSU", feats, test_mask=lesions.site == "E")
     if args.full_grid:
-        full = timer("explain_uncertainty (full grid: 200 candidates, 10 x 5-fold)", G.explain_uncertainty, lesions,
+        full = timer("uncertainty_drivers (full grid: 200 candidates, 10 x 5-fold)", uncertainty_drivers, lesions,
                      "LSU", feats, grid="full", test_mask=lesions.site == "E")
         print(f"    full grid CV R2 {full.summary['cv_r2_mean']:.3f} +- {full.summary['cv_r2_sd']:.3f}")
     if args.forest:
-        rf = timer("explain_uncertainty (random forest, small grid, 10 repeats)", G.explain_uncertainty, lesions,
+        rf = timer("uncertainty_drivers (random forest, small grid, 10 repeats)", uncertainty_drivers, lesions,
                    "LSU", feats, model="random_forest", test_mask=lesions.site == "E")
         print(f"    forest CV R2 {rf.summary['cv_r2_mean']:.3f}; top: {rf.importance.feature.head(3).tolist()}")
     if args.check_engine:
         small = lesions.iloc[:400]
-        fast = timer("explain_uncertainty fast engine (400 lesions, 2 repeats)", G.explain_uncertainty, small, "LSU",
+        fast = timer("uncertainty_drivers fast engine (400 lesions, 2 repeats)", uncertainty_drivers, small, "LSU",
                      feats, n_repeats=2)
-        slow = timer("explain_uncertainty literal GridSearchCV (same)", G.explain_uncertainty, small, "LSU", feats,
+        slow = timer("uncertainty_drivers literal GridSearchCV (same)", uncertainty_drivers, small, "LSU", feats,
                      n_repeats=2, engine="sklearn")
         same = np.allclose(fast.per_repeat.to_numpy(), slow.per_repeat.to_numpy(), rtol=1e-9, atol=1e-12)
         print(f"    engines agree: {same}")
-    total = sum(dt for name, dt in timer.rows if not name.startswith(("imports", "explain_uncertainty (full",
-                                                                        "explain_uncertainty (random",
-                                                                        "explain_uncertainty fast",
-                                                                        "explain_uncertainty literal")))
+    total = sum(dt for name, dt in timer.rows if not name.startswith(("imports", "uncertainty_drivers (full",
+                                                                        "uncertainty_drivers (random",
+                                                                        "uncertainty_drivers fast",
+                                                                        "uncertainty_drivers literal")))
     print(f"  {'TOTAL (default analyses)':<58s} {total:8.2f} s")
     pooled = res.pooled.set_index(["group_by", "group"])
     print(f"    pooled F1 all {pooled.loc[('all', 'all'), 'F1']:.3f}, in-domain "
-          f"{pooled.loc[('domain', G.IN_DOMAIN), 'F1']:.3f}, out-of-domain "
-          f"{pooled.loc[('domain', G.OUT_OF_DOMAIN), 'F1']:.3f}")
+          f"{pooled.loc[('domain', summary.IN_DOMAIN), 'F1']:.3f}, out-of-domain "
+          f"{pooled.loc[('domain', summary.OUT_OF_DOMAIN), 'F1']:.3f}")
     dsc = summ[(summ.group_by == "all") & (summ.variable == "voxel_DSC")].iloc[0]
     print(f"    DSC {dsc['mean']:.3f} [{dsc['ci_low']:.3f}, {dsc['ci_high']:.3f}], SE {dsc['se']:.4f}; "
           f"{len(summ)} summary rows, {len(rc)} retention rows, median ICC(3,1) {icc.ICC3_1.median():.3f}")

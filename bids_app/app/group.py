@@ -84,13 +84,15 @@ class GroupResult:
 def analyse(sessions: pd.DataFrame, lesions: pd.DataFrame, *, in_domain_sites=None, seed: int = 0,
             n_boot: int = 1000, regression_repeats: int = 10, regression_model: str = "elasticnet") -> GroupResult:
     """All cohort statistics (pure: DataFrames in, DataFrames/dicts out)."""
-    from bids_app.core.cohort import groupstats
+    from bids_app.core.cohort.drivers import uncertainty_drivers
+    from bids_app.core.cohort.icc import icc_table
+    from bids_app.core.cohort.summary import detection_summary, patient_retention_table, summarise
 
     by = ["site"] if "site" in sessions.columns else []
     numeric = [c for c in sessions.columns if c not in ("participant_id", "session_id")
                and pd.api.types.is_numeric_dtype(sessions[c])]
     result = GroupResult(sessions=sessions, lesions=lesions,
-                         summary=groupstats.summarise(sessions, numeric, by, n_boot=n_boot, seed=seed))
+                         summary=summarise(sessions, numeric, by, n_boot=n_boot, seed=seed))
     counts = [f"eval_all_{c}" for c in ("TPL", "FPL", "USL", "FNL")]
     if all(c in sessions.columns for c in counts) and sessions[counts].notna().all(axis=None):
         evaluated = sessions.copy()
@@ -98,13 +100,13 @@ def analyse(sessions: pd.DataFrame, lesions: pd.DataFrame, *, in_domain_sites=No
         evaluated = evaluated.rename(columns=rename)
         metric_cols = [c for c in evaluated.columns if c.startswith("eval_all_") and
                        pd.api.types.is_numeric_dtype(evaluated[c])]
-        det = groupstats.detection_summary(evaluated, by=("site", "domain"), in_domain_sites=in_domain_sites,
-                                           metrics=metric_cols, n_boot=n_boot, seed=seed)
+        det = detection_summary(evaluated, by=("site", "domain"), in_domain_sites=in_domain_sites,
+                                metrics=metric_cols, n_boot=n_boot, seed=seed)
         result.detection = det.pooled
         unc_cols = [c for c in ("unc_PSU", "unc_avg_LSU", "unc_avg_MI", "unc_avg_EoE") if c in sessions.columns]
         met_cols = [c for c in ("eval_all_DSC", "eval_all_nDSC", "eval_all_F1") if c in sessions.columns]
         if unc_cols and met_cols and len(sessions) >= 2:
-            result.retention, result.retention_curves = groupstats.patient_retention_table(
+            result.retention, result.retention_curves = patient_retention_table(
                 sessions, unc_cols, met_cols)
     else:
         result.notes.append("no evaluation results (run the participant level with --reference-masks)")
@@ -112,8 +114,8 @@ def analyse(sessions: pd.DataFrame, lesions: pd.DataFrame, *, in_domain_sites=No
     if "LSU" in lesions.columns and features:
         usable = lesions.dropna(subset=["LSU"] + features)
         if len(usable) >= MIN_LESIONS_FOR_REGRESSION:
-            res = groupstats.explain_uncertainty(usable, "LSU", features, model=regression_model,
-                                                 n_repeats=regression_repeats)
+            res = uncertainty_drivers(usable, "LSU", features, model=regression_model,
+                                      n_repeats=regression_repeats)
             result.regression = {"target": "LSU", "features": features, "n_lesions": int(len(usable)),
                                  "model": regression_model,
                                  "summary": res.summary,
@@ -125,7 +127,7 @@ def analyse(sessions: pd.DataFrame, lesions: pd.DataFrame, *, in_domain_sites=No
     repeated = sessions.groupby("participant_id")["session_id"].nunique()
     if (repeated >= 2).sum() >= 2:
         measures = [c for c in SESSION_MEASURES_FOR_ICC if c in sessions.columns]
-        result.icc = groupstats.icc_table(sessions, "participant_id", "session_id", measures)
+        result.icc = icc_table(sessions, "participant_id", "session_id", measures)
     else:
         result.notes.append("ICC skipped: fewer than 2 participants with repeated sessions")
     return result
