@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -65,3 +66,14 @@ def test_singularity_recipe():
                 "DENO_DIR", "OMP_NUM_THREADS"):
         assert env[key] == docker[key], key
     assert env["MSXPLAIN_CONTAINER_TYPE"] == "singularity"
+
+
+@pytest.mark.slow
+@pytest.mark.container
+@pytest.mark.skipif(shutil.which("podman") is None or shutil.which("debootstrap") is None or os.geteuid() != 0,
+                    reason="needs podman, debootstrap and root (scripts/check-container.sh)")
+def test_the_image_builds_and_runs_the_demo_read_only(tmp_path):
+    """The real build and a read-only, network-less run of the participant and group levels."""
+    proc = subprocess.run([str(REPO / "scripts" / "check-container.sh"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=3 * 3600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
