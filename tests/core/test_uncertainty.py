@@ -89,7 +89,7 @@ def test_multiclass_voxel_measures_match_brute_force_and_blocks(monkeypatch):
     rng = np.random.default_rng(1)
     p = rng.dirichlet([0.5, 0.5, 0.5], size=(4, 7, 5, 3)).transpose(0, 4, 1, 2, 3)  # (M, C, X, Y, Z)
     expected = _brute_voxel(p)
-    monkeypatch.setattr(U, "_BLOCK_VOXELS", 16)  # several blocks along X, partial last block
+    monkeypatch.setattr(U.voxel, "_BLOCK_VOXELS", 16)  # several blocks along X, partial last block
     got = U.voxel_uncertainty(p, dtype=np.float64)
     for name in U.VOXEL_MEASURES:
         np.testing.assert_allclose(got[name], np.maximum(expected[name], 0) if name in ("MI", "EPKL", "RMI")
