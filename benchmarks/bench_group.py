@@ -192,8 +192,8 @@ def group_benchmark(args, timer: Timer) -> None:
 # --------------------------------------------------------------------------------------------
 
 def features_benchmark(args, timer: Timer) -> None:
+    from bids_app.core import registration as R
     from bids_app.core.imageio import load_image
-    from bids_app.core.lesions import location as L
     from bids_app.core.lesions.features import FeatureOptions, lesion_features
     from bids_app.core.lesions.meshes import lesion_meshes, stl_bytes
     from bids_app.core.postprocess import label_components
@@ -216,11 +216,11 @@ def features_benchmark(args, timer: Timer) -> None:
     atlas = load_image(tpl / f"{name}res-01_desc-HOparc_dseg.nii.gz", dtype=None, check_values=False)
     lut = pd.read_csv(tpl / f"{name}res-01_desc-HOparc_dseg.tsv", sep="\t", dtype=str)
     print(f"Per-lesion features: {t1.shape} grid, {n} lesions ({int((inst > 0).sum())} voxels), T1w + FLAIR")
-    transform = timer("register_to_template (1 mm T1w -> 2 mm template, brain-to-brain)", L.register_to_template, t1,
+    transform = timer("register_to_template (1 mm T1w -> 2 mm template, brain-to-brain)", R.register_to_template, t1,
                       tpl_t1, reference_mask=brain, template_mask=tpl_mask)
-    gm_s = timer("warp_probability_to_subject (1 mm GM probseg)", L.warp_probability_to_subject, gm.data, gm.affine,
+    gm_s = timer("warp_probability_to_subject (1 mm GM probseg)", R.warp_probability_to_subject, gm.data, gm.affine,
                  t1.shape, t1.affine, transform)
-    atlas_s = timer("warp_labels_to_subject (1 mm HOparc dseg)", L.warp_labels_to_subject,
+    atlas_s = timer("warp_labels_to_subject (1 mm HOparc dseg)", R.warp_labels_to_subject,
                     atlas.data.astype(np.int32), atlas.affine, t1.shape, t1.affine, transform)
     channels = {"T1w": t1.data, "FLAIR": flair.data}
     args_ = (inst, n, t1.affine, channels, brain, gm_s, atlas_s, lut)

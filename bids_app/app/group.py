@@ -140,7 +140,8 @@ def lesion_frequency(output_dir: Path, sessions: pd.DataFrame):
     import SimpleITK as sitk
 
     from bids_app.bids.templates import template_file
-    from bids_app.core.lesions.location import TemplateTransform, lesion_frequency_map
+    from bids_app.core.lesions.location import lesion_frequency_map
+    from bids_app.core.registration import TemplateTransform
 
     template = nib.load(str(template_file(resolution=2, suffix="mask", desc="brain")))
     items, problems = [], []

@@ -16,7 +16,9 @@
   brain-sized volume); otherwise the MNI152NLin2009cAsym template is registered (affine, MI)
   to the reference image and its brain mask is carried over.
 
-Every function is pure (arrays in, arrays out); SimpleITK images only live inside them.
+Every function is pure (arrays in, arrays out); SimpleITK images only live inside them. The
+SimpleITK bridge and the registration set-up shared with the template registration are
+:mod:`bids_app.core.registration`'s.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ import numpy as np
 from nibabel import orientations as nio
 
 from bids_app.core.imageio import Image
+from bids_app.core.registration import (
+    mattes_registration,
+    moments_start,
+    resample,
+    single_threaded_itk,
+    to_sitk,
+)
 from bids_app.errors import BadInputData
 
 #: a skull-stripped brain occupies this many litres (adult brain ~1.1-1.7 L; a head 3-5 L)
@@ -35,8 +44,6 @@ BRAIN_VOLUME_LITRES = (0.6, 2.4)
 STRIPPED_MIN_ZERO_FRACTION = 0.2
 #: FLAIR and T1w must share at least this fraction of the reference field of view
 MIN_FOV_OVERLAP = 0.3
-#: registration seed: fixed so that reruns give identical derivatives
-REGISTRATION_SEED = 20250101
 
 
 # --------------------------------------------------------------------------------------
@@ -84,38 +91,8 @@ def same_grid(a: Image, b: Image, tol_mm: float = 1e-3) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# SimpleITK bridges
+# Field of view
 # --------------------------------------------------------------------------------------
-#: nibabel's RAS+ world axes -> ITK's LPS+ (and back: the matrix is its own inverse)
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def set_sitk_geometry(itk, affine: np.ndarray):
-    """Give a SimpleITK image the physical space of a nibabel voxel-to-RAS+ ``affine`` (4, 4)
-    (spacing in mm, direction and origin in ITK's LPS+); returns the image."""
-    aff = np.asarray(affine, dtype=np.float64)
-    zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
-    itk.SetSpacing([float(z) for z in zooms])
-    itk.SetDirection([float(v) for v in (RAS_TO_LPS @ (aff[:3, :3] / zooms)).ravel()])
-    itk.SetOrigin([float(v) for v in RAS_TO_LPS @ aff[:3, 3]])
-    return itk
-
-
-def to_sitk(image: Image, dtype=np.float32):
-    """nibabel-convention Image -> SimpleITK image in the same physical space (LPS inside ITK)."""
-    import SimpleITK as sitk
-
-    data = np.asarray(image.data, dtype=dtype)
-    return set_sitk_geometry(sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0))), image.affine)
-
-
-def from_sitk_array(itk) -> np.ndarray:
-    """SimpleITK image -> array in nibabel voxel order (X, Y, Z)."""
-    import SimpleITK as sitk
-
-    return np.ascontiguousarray(sitk.GetArrayFromImage(itk).transpose(2, 1, 0))
-
-
 def fov_overlap(reference: Image, moving: Image) -> float:
     """Fraction of the reference field of view (world bounding box) covered by the moving one."""
 
@@ -134,24 +111,6 @@ def fov_overlap(reference: Image, moving: Image) -> float:
 # --------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------
-class _single_threaded_itk:
-    """ITK filters split work across threads and sum in thread order, which changes the last
-    bits of a registration from run to run; one thread makes reruns bit-identical (the
-    registrations here take seconds, so the cost is small)."""
-
-    def __enter__(self):
-        import SimpleITK as sitk
-
-        self._previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-    def __exit__(self, *exc):
-        import SimpleITK as sitk
-
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(self._previous)
-        return False
-
-
 @dataclass(frozen=True)
 class RigidTransform:
     """A rigid transform from reference (fixed) space to moving space, in ITK's LPS convention.
@@ -196,7 +155,7 @@ def _normalised_correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> f
 
 
 def register_rigid(reference: Image, moving: Image, *, max_iterations: int = 200) -> RigidTransform:
-    with _single_threaded_itk():
+    with single_threaded_itk():
         return _register_rigid(reference, moving, max_iterations)
 
 
@@ -237,20 +196,8 @@ def _register_rigid(reference: Image, moving: Image, max_iterations: int) -> Rig
     initial = sitk.Euler3DTransform(initial)
     initial.SetTranslation((0.0, 0.0, 0.0))
 
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetNumberOfThreads(1)  # identical results run after run
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.25, REGISTRATION_SEED)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-4, numberOfIterations=max_iterations, gradientMagnitudeTolerance=1e-6
-    )
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(initial, inPlace=False)
+    reg = mattes_registration(initial, sampling_percentage=0.25, max_iterations=max_iterations,
+                              shrink_factors=[4, 2, 1], smoothing_mm=[2.0, 1.0, 0.0])
     before = reg.MetricEvaluate(fixed, mov)
     final = reg.Execute(fixed, mov)
     euler = sitk.Euler3DTransform(final.GetNthTransform(0) if hasattr(final, "GetNthTransform") else final)
@@ -293,10 +240,7 @@ def resample_to(reference: Image, moving: Image, transform: RigidTransform | Non
         return resample_by_header(reference, moving, interpolation)
     import SimpleITK as sitk
 
-    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor,
-              "bspline": sitk.sitkBSpline}[interpolation]
-    out = sitk.Resample(to_sitk(moving), to_sitk(reference), transform.to_sitk(), interp, 0.0, sitk.sitkFloat32)
-    return from_sitk_array(out)
+    return resample(to_sitk(moving), to_sitk(reference), transform.to_sitk(), interpolation, 0.0, sitk.sitkFloat32)
 
 
 def resample_by_header(reference: Image, moving: Image, interpolation: str = "linear") -> np.ndarray:
@@ -368,7 +312,7 @@ def support_mask(image: Image) -> np.ndarray:
 
 
 def template_brain_mask(reference: Image, template_t1w: Image, template_mask: Image) -> tuple[np.ndarray, float]:
-    with _single_threaded_itk():
+    with single_threaded_itk():
         return _template_brain_mask(reference, template_t1w, template_mask)
 
 
@@ -385,32 +329,13 @@ def _template_brain_mask(reference: Image, template_t1w: Image, template_mask: I
     import SimpleITK as sitk
     from scipy import ndimage
 
-    fixed_raw, moving_raw = to_sitk(reference), to_sitk(template_t1w)
-    # centres of mass of the raw (non-negative) intensities: the scanner and template
-    # frames can be centimetres apart, a geometric centre would be misled by the neck
-    init = sitk.CenteredTransformInitializer(fixed_raw, moving_raw, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
-    fixed = sitk.Normalize(fixed_raw)
-    moving = sitk.Normalize(moving_raw)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetNumberOfThreads(1)
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
-    reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(0.2, REGISTRATION_SEED)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200,
-                                                 gradientMagnitudeTolerance=1e-6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(init, inPlace=False)
+    init, fixed, moving = moments_start(reference, template_t1w, sitk.AffineTransform(3))
+    reg = mattes_registration(init, sampling_percentage=0.2, max_iterations=200, shrink_factors=[4, 2, 1],
+                              smoothing_mm=[2.0, 1.0, 0.0])
     transform = reg.Execute(fixed, moving)
     reg.SetInitialTransform(transform, inPlace=False)
     metric = float(reg.MetricEvaluate(fixed, moving))
-    warped = sitk.Resample(to_sitk(template_mask), to_sitk(reference), transform, sitk.sitkLinear, 0.0,
-                           sitk.sitkFloat32)
-    mask = from_sitk_array(warped) > 0.5
+    mask = resample(to_sitk(template_mask), to_sitk(reference), transform, "linear", 0.0, sitk.sitkFloat32) > 0.5
     return ndimage.binary_fill_holes(mask), metric
 
 

@@ -93,7 +93,7 @@ class _LesionFeaturesOutputSpec(TraitedSpec):
 
 class LesionFeatures(SimpleInterface):
     """Shape, intensity, cortical involvement, distances and MNI location of every lesion
-    (:func:`bids_app.core.lesions.location.register_to_template`,
+    (:func:`bids_app.core.registration.register_to_template`,
     :func:`bids_app.core.lesions.features.lesion_features`,
     :func:`bids_app.core.lesions.meshes.lesion_meshes`)."""
 
@@ -110,7 +110,7 @@ class LesionFeatures(SimpleInterface):
         from bids_app.bids.derivatives import dumps_json, parse_bids_name
         from bids_app.core.imageio import load_image
         from bids_app.core.lesions.features import FeatureOptions, feature_dictionary, lesion_features
-        from bids_app.core.lesions.location import (
+        from bids_app.core.registration import (
             register_to_template,
             warp_labels_to_subject,
             warp_probability_to_subject,

@@ -7,6 +7,7 @@ import pytest
 
 from bids_app.core import conform
 from bids_app.core.imageio import Image, load_image
+from bids_app.core.registration import from_sitk_array, to_sitk
 from bids_app.errors import BadInputData
 from bids_app.testing import make_case, need_shared
 
@@ -43,8 +44,8 @@ def _rotate(image: Image, angles_deg, translation_mm):
     t.SetCenter([float(c) for c in np.diag([-1, -1, 1]) @ centre])
     t.SetRotation(*[np.radians(a) for a in angles_deg])
     t.SetTranslation(translation_mm)
-    moved = sitk.Resample(conform.to_sitk(image), conform.to_sitk(image), t, sitk.sitkLinear, 0.0)
-    return Image(conform.from_sitk_array(moved), image.affine), t
+    moved = sitk.Resample(to_sitk(image), to_sitk(image), t, sitk.sitkLinear, 0.0)
+    return Image(from_sitk_array(moved), image.affine), t
 
 
 def test_register_rigid_recovers_known_motion():

@@ -8,7 +8,8 @@ import pytest
 from scipy import ndimage
 
 from bids_app.core.lesions import features as F
-from bids_app.core.lesions.location import LocationRules, TemplateTransform
+from bids_app.core.lesions.location import LocationRules
+from bids_app.core.registration import TemplateTransform
 
 SHAPE = (40, 40, 30)
 
@@ -141,8 +142,8 @@ def test_contrast_references_match_a_direct_construction(scene, table):
 def test_shape_features_match_full_image_filters(scene, table):
     import SimpleITK as sitk
 
-    from bids_app.core.conform import to_sitk
     from bids_app.core.imageio import Image
+    from bids_app.core.registration import to_sitk
 
     inst, n, *_ = scene
     f = sitk.LabelShapeStatisticsImageFilter()

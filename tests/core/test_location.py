@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bids_app.core import registration as R
 from bids_app.core.imageio import Image, load_image
 from bids_app.core.lesions import location as L
 from bids_app.errors import BadInputData
@@ -122,7 +123,7 @@ def _oblique_ras() -> np.ndarray:
 
 def test_template_transform_conventions_match_simpleitk():
     m = _oblique_ras()
-    t = L.TemplateTransform.from_ras_matrix(m)
+    t = R.TemplateTransform.from_ras_matrix(m)
     np.testing.assert_allclose(t.ras_matrix, m, atol=1e-12)
     pts = np.array([[10.0, -20.0, 30.0], [0.0, 0.0, 0.0], [-50.0, 40.0, -10.0]])
     expected = pts @ m[:3, :3].T + m[:3, 3]
@@ -134,7 +135,7 @@ def test_template_transform_conventions_match_simpleitk():
     for p, q in zip(pts, expected):
         np.testing.assert_allclose(lps @ np.array(itk.TransformPoint(tuple(lps @ p))), q, atol=1e-9)
     # a centred ITK transform gives the same RAS matrix
-    again = L.TemplateTransform.from_sitk(itk)
+    again = R.TemplateTransform.from_sitk(itk)
     np.testing.assert_allclose(again.ras_matrix, m, atol=1e-9)
 
 
@@ -147,12 +148,12 @@ def test_warp_labels_nearest_is_exact_on_a_flipped_grid():
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
     flip[0, 3] = 8
     subj_aff = aff @ flip
-    ident = L.TemplateTransform.from_ras_matrix(np.eye(4))
-    got = L.warp_labels_to_subject(atlas, aff, atlas.shape, subj_aff, ident)
+    ident = R.TemplateTransform.from_ras_matrix(np.eye(4))
+    got = R.warp_labels_to_subject(atlas, aff, atlas.shape, subj_aff, ident)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, atlas[::-1])
     prob = rng.random((9, 10, 11)).astype(np.float32)
-    np.testing.assert_allclose(L.warp_probability_to_subject(prob, aff, prob.shape, subj_aff, ident), prob[::-1],
+    np.testing.assert_allclose(R.warp_probability_to_subject(prob, aff, prob.shape, subj_aff, ident), prob[::-1],
                                atol=1e-6)
 
 
@@ -164,13 +165,13 @@ def test_warp_to_template_moves_a_block_by_the_transform():
     mask[10:14, 12:16, 8:12] = 1
     shift = np.eye(4)
     shift[:3, 3] = [3.0, -2.0, 5.0]  # subject -> template
-    t = L.TemplateTransform.from_ras_matrix(shift)
-    out = L.warp_to_template(mask, aff, shape, aff, t, "nearest")
+    t = R.TemplateTransform.from_ras_matrix(shift)
+    out = R.warp_to_template(mask, aff, shape, aff, t, "nearest")
     expected = np.zeros(shape, dtype=np.float32)
     expected[13:17, 10:14, 13:17] = 1
     np.testing.assert_array_equal(out, expected)
     # and back: template labels onto the subject grid undo it
-    back = L.warp_labels_to_subject(expected.astype(np.int32), aff, shape, aff, t)
+    back = R.warp_labels_to_subject(expected.astype(np.int32), aff, shape, aff, t)
     np.testing.assert_array_equal(back, mask.astype(np.int32))
 
 
@@ -181,10 +182,10 @@ def test_lesion_frequency_map_counts_subjects():
     a[5:8, 5:8, 5:8] = True
     b = np.zeros(shape, dtype=bool)
     b[6:9, 5:8, 5:8] = True
-    ident = L.TemplateTransform.from_ras_matrix(np.eye(4))
+    ident = R.TemplateTransform.from_ras_matrix(np.eye(4))
     shift = np.eye(4)
     shift[0, 3] = -1.0  # subject b's lesion lands where a's is, in the template
-    freq = L.lesion_frequency_map(iter([(a, aff, ident), (b, aff, L.TemplateTransform.from_ras_matrix(shift))]),
+    freq = L.lesion_frequency_map(iter([(a, aff, ident), (b, aff, R.TemplateTransform.from_ras_matrix(shift))]),
                                   shape, aff)
     assert freq.n_subjects == 2 and freq.count.dtype == np.uint16
     assert freq.count.max() == 2 and (freq.count == 2).sum() == 27
@@ -207,11 +208,11 @@ def test_register_to_template_recovers_a_known_affine():
     the template at m(x). Registration must find m (within 2 mm over the brain)."""
     import SimpleITK as sitk
 
-    from bids_app.core.conform import from_sitk_array, to_sitk
+    from bids_app.core.registration import from_sitk_array, to_sitk
 
     tpl = _template_t1w_2mm()
     m = _oblique_ras()
-    truth = L.TemplateTransform.from_ras_matrix(m)
+    truth = R.TemplateTransform.from_ras_matrix(m)
     # subject grid: 2.2 mm, LAS order, different origin
     shape = (84, 100, 84)
     subj_aff = np.diag([-2.2, 2.2, 2.2, 1.0])
@@ -221,7 +222,7 @@ def test_register_to_template_recovers_a_known_affine():
     grid.CopyInformation(ref)
     subject = from_sitk_array(sitk.Resample(to_sitk(tpl), grid, truth.to_sitk(), sitk.sitkLinear, 0.0,
                                             sitk.sitkFloat32))
-    found = L.register_to_template(Image(subject, subj_aff), tpl, shrink_factors=(2, 1), smoothing_mm=(2.0, 0.0))
+    found = R.register_to_template(Image(subject, subj_aff), tpl, shrink_factors=(2, 1), smoothing_mm=(2.0, 0.0))
     assert found.template == "MNI152NLin2009cAsym" and np.isfinite(found.metric)
     # compare the two maps on brain-sized points of the subject
     rng = np.random.default_rng(0)
@@ -229,7 +230,7 @@ def test_register_to_template_recovers_a_known_affine():
     err = np.linalg.norm(found.subject_to_template(pts) - truth.subject_to_template(pts), axis=1)
     assert err.max() < 2.0, err.max()
     # deterministic: a rerun is bit-identical
-    again = L.register_to_template(Image(subject, subj_aff), tpl, shrink_factors=(2, 1), smoothing_mm=(2.0, 0.0))
+    again = R.register_to_template(Image(subject, subj_aff), tpl, shrink_factors=(2, 1), smoothing_mm=(2.0, 0.0))
     assert again == found
 
 
@@ -240,10 +241,10 @@ def test_functions_do_not_modify_inputs():
     prob.setflags(write=False)
     aff = np.eye(4)
     aff.setflags(write=False)
-    t = L.TemplateTransform.from_ras_matrix(np.eye(4))
-    L.warp_labels_to_subject(atlas, aff, atlas.shape, aff, t)
-    L.warp_probability_to_subject(prob, aff, prob.shape, aff, t)
-    L.warp_to_template(prob, aff, prob.shape, aff, t)
+    t = R.TemplateTransform.from_ras_matrix(np.eye(4))
+    R.warp_labels_to_subject(atlas, aff, atlas.shape, aff, t)
+    R.warp_probability_to_subject(prob, aff, prob.shape, aff, t)
+    R.warp_to_template(prob, aff, prob.shape, aff, t)
     table = _lut()
     copy = table.copy()
     lut = L.parse_atlas_lut(table)

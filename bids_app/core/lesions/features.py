@@ -28,13 +28,13 @@ from bids_app.core.imageio import Image
 from bids_app.core.lesions.location import (
     AtlasLUT,
     LocationRules,
-    TemplateTransform,
     atlas_assignment,
     cortical_type,
     location_class,
     parse_atlas_lut,
 )
 from bids_app.core.postprocess import lesion_geometry
+from bids_app.core.registration import TemplateTransform
 
 #: SimpleITK LabelShapeStatistics features reported (scalar ones)
 SITK_SCALAR: tuple[str, ...] = (
@@ -324,7 +324,7 @@ def _sitk_shape(inst: np.ndarray, n: int, affine: np.ndarray) -> dict[str, np.nd
     """SimpleITK LabelShapeStatistics over the lesions' bounding box (image borders kept)."""
     import SimpleITK as sitk
 
-    from bids_app.core.conform import to_sitk
+    from bids_app.core.registration import to_sitk
 
     out = {f"sitk_{k}": np.full(n, np.nan) for k in SITK_SCALAR}
     for k in SITK_VECTOR:
@@ -542,9 +542,9 @@ def lesion_features(
         Brain voxels (default: the whole field of view).
     gm_prob : ndarray of float, shape (X, Y, Z), optional
         Grey-matter probability on the instance grid (e.g. the template GM probseg warped with
-        :func:`bids_app.core.lesions.location.warp_probability_to_subject`).
+        :func:`bids_app.core.registration.warp_probability_to_subject`).
     atlas_labels : ndarray of int, shape (X, Y, Z), optional
-        Atlas dseg on the instance grid (:func:`bids_app.core.lesions.location.warp_labels_to_subject`).
+        Atlas dseg on the instance grid (:func:`bids_app.core.registration.warp_labels_to_subject`).
     atlas_lut : DataFrame (columns index, name, location_class) or AtlasLUT, optional
         Needed with ``atlas_labels``.
     options : FeatureOptions, optional
