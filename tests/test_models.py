@@ -94,6 +94,21 @@ def test_card_inferred_from_dataset_json(model_copy):
     assert model.card.members["0"] == sha256_file(model_copy / "fold_0" / "checkpoint_final.pth")
 
 
+def test_a_node_infers_the_card_the_run_inferred(model_copy):
+    """Without a card file the nodes are given none (no inferred card is written anywhere) and
+    resolve the same card from plans.json and dataset.json as the run did."""
+    from bids_app.interfaces.segment import node_model
+    from bids_app.model.provenance import model_provenance
+    from bids_app.workflows.base import _card_trait
+
+    (model_copy / CARD_NAME).unlink()
+    run_model = resolve_model(str(model_copy.parent.parent))
+    settings = type("Settings", (), {"card_file": run_model.card_path})()
+    node = node_model(str(run_model.trainer_dir), _card_trait(settings))
+    assert node.card == run_model.card and node.card_path is None
+    assert model_provenance(node, ["0"], {}) == model_provenance(run_model, ["0"], {})
+
+
 def _zip_with(tmp_path, name, members):
     path = tmp_path / name
     with zipfile.ZipFile(path, "w") as zf:

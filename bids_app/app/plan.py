@@ -41,9 +41,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         a missing or invalid refiner; ``--refine`` without a refiner; a card whose input
         orientation cannot be resolved.
     """
-    from bids_app.bids.derivatives import atomic_write_text, dumps_json
     from bids_app.core.segment import resolve_device
-    from bids_app.model.card import CARD_NAME
     from bids_app.model.provenance import model_provenance
     from bids_app.model.resolve import resolve_input_orientation, select_members
     from bids_app.workflows.base import PipelineSettings
@@ -53,11 +51,6 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     device = resolve_device(config.model.device).type
     orientation = resolve_input_orientation(model, config.model.input_orientation)  # exit 65 now, not in a node
     post = config.postprocess
-    if model.card_path is not None:
-        card_file = model.card_path
-    else:  # an inferred card is written into the work folder so the nodes read the same one
-        card_file = config.execution.work_dir / f"inferred_{CARD_NAME}"
-        atomic_write_text(card_file, dumps_json(card.raw))
     template_t1w, template_mask = _brain_mask_template(config.model.skull_stripped)
     feature_templates = _feature_templates(config.outputs) if config.outputs.lesion_features else None
     outputs = config.outputs
@@ -73,7 +66,8 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         bids_dir=config.execution.bids_dir,
         output_dir=config.execution.output_dir,
         trainer_dir=model.trainer_dir,
-        card_file=Path(card_file),
+        # None: no card file, the nodes infer the same card from plans.json and dataset.json as the run did
+        card_file=model.card_path,
         label_indices=tuple(card.lesion_indices),
         label_names=tuple(lab.name for lab in card.labels),
         reference_channel=card.reference_channel,

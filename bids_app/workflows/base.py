@@ -51,7 +51,8 @@ class PipelineSettings:
     bids_dir: Path
     output_dir: Path
     trainer_dir: Path
-    card_file: Path
+    #: the model card file (None: inferred from the model's plans.json and dataset.json)
+    card_file: Path | None
     label_indices: tuple[int, ...]
     label_names: tuple[str, ...]
     reference_channel: int
@@ -128,6 +129,14 @@ class PipelineSettings:
         return provenance_block(self.model_provenance, self.parameters())
 
 
+def _card_trait(settings: PipelineSettings):
+    """The nodes' ``card_file`` trait: the card's path, or Undefined when the card is inferred
+    (the nodes then infer it as the run did, :func:`bids_app.model.resolve.resolve_model`)."""
+    from nipype.interfaces.base import Undefined
+
+    return str(settings.card_file) if settings.card_file is not None else Undefined
+
+
 def session_wf_name(session: SessionInputs) -> str:
     return session.name.replace("-", "_") + "_wf"
 
@@ -171,7 +180,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         brain_mask.inputs.template_mask = str(settings.template_mask)
     # 3. per-member probabilities; a GPU node for MultiProc's GPU queue when CUDA is used.
     #    n_procs=1: a GPU node takes n_procs GPU slots in MultiProc; torch uses its own threads.
-    predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=str(settings.card_file),
+    predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=_card_trait(settings),
                                      folds=list(settings.folds), device=settings.device, tta=settings.tta,
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
                                      skull_stripped_input=settings.skull_stripped_input,
@@ -240,7 +249,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     if settings.explain is not None:
         explain = pe.Node(ExplainLesions(
             channel_names=[f.channel for f in session.files], model_dir=str(settings.trainer_dir),
-            card_file=str(settings.card_file), folds=list(settings.folds), device=settings.device,
+            card_file=_card_trait(settings), folds=list(settings.folds), device=settings.device,
             num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_stripped_input=settings.skull_stripped_input,
             input_orientation=settings.input_orientation, sources=sources,
             explain_config=dataclasses.asdict(settings.explain), max_lesions=settings.explain_max_lesions),
