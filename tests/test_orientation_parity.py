@@ -115,7 +115,7 @@ def _msxplain(trainer_dir: Path, image: Path, tta: bool, tmp: Path, mode: str = 
     channels = _save(tmp / "channels.nii.gz", data[..., None], img.affine)
     mask = _save(tmp / "mask.nii.gz", (data != 0).astype(np.uint8), img.affine)
     node = PredictLesions(channels_file=str(channels), mask_file=str(mask), model_dir=str(trainer_dir),
-                          folds=["0"], device="cpu", tta=tta, num_threads=2, skull_stripped_input=False,
+                          members=["0"], device="cpu", tta=tta, num_threads=2, skull_stripped_input=False,
                           input_orientation=mode)
     result = node.run(cwd=str(tmp))
     probs = np.load(result.outputs.member_probs_file)
@@ -206,7 +206,7 @@ def test_explanations_land_on_the_stored_voxels(models, tmp_path):
         (work / "lesions.json").write_text(json.dumps({"label": [1], "class_index": [1], "n_voxels": [48]}))
         node = ExplainLesions(channels_file=str(channels), channel_names=["FLAIR"], mask_file=str(mask),
                               instances_file=str(inst_file), lesions_file=str(work / "lesions.json"),
-                              model_dir=str(models["SimpleITKIO"]), folds=["0"], device="cpu", num_threads=2,
+                              model_dir=str(models["SimpleITKIO"]), members=["0"], device="cpu", num_threads=2,
                               skull_stripped_input=False, input_orientation=mode,
                               explain_config={"n_samples": 2, "max_groups": 2, "margin_mm": 4.0},
                               sources=[str(channels)])
@@ -309,7 +309,7 @@ def test_sidecar_parameters_record_the_orientation(tmp_path):
 
     settings = PipelineSettings(
         bids_dir=tmp_path, output_dir=tmp_path, trainer_dir=tmp_path, card_file=tmp_path / "card.json",
-        label_indices=(1,), label_names=("WML",), reference_channel=0, skull_stripped_input=True, folds=("0",),
+        label_indices=(1,), label_names=("WML",), reference_channel=0, skull_stripped_input=True, members=("0",),
         device="cpu", tta=False, threshold=0.5, min_lesion_size=3, connectivity=18,
         save_member_probabilities=False, omp_nthreads=1,
         network_orientation=("native", "plans.json image_reader_writer SimpleITKIO"))

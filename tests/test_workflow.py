@@ -168,7 +168,7 @@ def test_graph_marks_prediction_as_gpu_node(tiny_model, tmp_path):
     settings = PipelineSettings(bids_dir=bids, output_dir=tmp_path / "out", trainer_dir=tiny_model,
                                 card_file=tiny_model / "msxplain_model.json", label_indices=(1, 2),
                                 label_names=("WML", "CL"), reference_channel=0, skull_stripped_input=True,
-                                folds=("0",),
+                                members=("0",),
                                 device="cuda", tta=False, threshold=0.5, min_lesion_size=3, connectivity=18,
                                 save_member_probabilities=False, omp_nthreads=1)
     wf = init_msxplain_wf([session], settings, base_dir=tmp_path / "work")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_app.core.metrics.detection import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD
+from bids_app.core.uncertainty.session import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS
 from bids_app.errors import CannotCreateOutput, MissingInput, UsageError
 
 
@@ -45,7 +46,7 @@ class ModelConfig:
     spec: str = "demo"
     card_path: Path | None = None
     device: str = "auto"
-    folds: tuple[str, ...] | None = None
+    members: tuple[str, ...] | None = None
     tta: bool = True
     save_member_probabilities: bool = False
     skull_stripped: str = "auto"
@@ -64,8 +65,8 @@ class PostprocessConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    voxel_uncertainty: tuple[str, ...] = ("EoE", "ExE", "MI")
-    lesion_uncertainty_maps: tuple[str, ...] = ("LSU", "mean_MI")
+    voxel_maps: tuple[str, ...] = DEFAULT_VOXEL_MAPS
+    lesion_maps: tuple[str, ...] = DEFAULT_LESION_MAPS
     detection_method: str = DEFAULT_METHOD
     detection_threshold: float = DEFAULT_DETECTION_THRESHOLD
     lesion_features: bool = True
@@ -176,7 +177,7 @@ class Config:
             spec=str(ns.model),
             card_path=Path(ns.model_card).resolve() if ns.model_card else None,
             device=ns.device,
-            folds=tuple(str(f) for f in ns.folds) if ns.folds else None,
+            members=tuple(str(m) for m in ns.members) if ns.members else None,
             tta=bool(ns.tta),
             save_member_probabilities=bool(ns.save_member_probabilities),
             skull_stripped=str(ns.skull_stripped),
@@ -187,8 +188,8 @@ class Config:
         resources = ResourceConfig(nprocs=int(nprocs), omp_nthreads=int(omp), mem_gb=ns.mem_gb,
                                    plugin=ns.plugin, plugin_args=dict(ns.plugin_args or {}))
         outputs = OutputConfig(
-            voxel_uncertainty=tuple(ns.voxel_uncertainty),
-            lesion_uncertainty_maps=tuple(ns.lesion_uncertainty_maps),
+            voxel_maps=tuple(ns.voxel_maps),
+            lesion_maps=tuple(ns.lesion_maps),
             detection_method=ns.detection_method,
             detection_threshold=float(ns.detection_threshold),
             lesion_features=bool(ns.lesion_features),

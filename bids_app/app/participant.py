@@ -53,12 +53,13 @@ def run_participant(config, log=None) -> int:
     model = resolve_model(config.model.spec, card_path=config.model.card_path,
                           cache_dir=ex.work_dir / "models")
     check_consistency(model)
-    folds = select_members(model, list(config.model.folds) if config.model.folds else None)
-    digests = verify_members(model, folds)
+    members = select_members(model, list(config.model.members) if config.model.members else None)
+    digests = verify_members(model, members)
     if model.card.demo:
         LOGGER.warning("Model '%s' is a DEMO model trained on synthetic data (%s); its lesion maps are not "
                        "clinically validated. Use --model for a real model.", model.card.id, model.card.name)
-    LOGGER.info("Model %s (%s), members %s: %s verified (SHA-256)", model.card.id, model.trainer_dir, ", ".join(folds),
+    LOGGER.info("Model %s (%s), members %s: %s verified (SHA-256)", model.card.id, model.trainer_dir,
+                ", ".join(members),
                 "checkpoints, plans.json and dataset.json" if model.card.files else
                 "checkpoints (plans.json and dataset.json not pinned by the card)")
 

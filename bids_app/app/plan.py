@@ -47,7 +47,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     from bids_app.workflows.base import PipelineSettings
 
     card = model.card
-    folds = select_members(model, list(config.model.folds) if config.model.folds else None)
+    members = select_members(model, list(config.model.members) if config.model.members else None)
     device = resolve_device(config.model.device).type
     orientation = resolve_input_orientation(model, config.model.input_orientation)  # exit 65 now, not in a node
     post = config.postprocess
@@ -72,7 +72,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         label_names=tuple(lab.name for lab in card.labels),
         reference_channel=card.reference_channel,
         skull_stripped_input=card.skull_stripped_input,
-        folds=tuple(folds),
+        members=tuple(members),
         device=device,
         tta=config.model.tta,
         threshold=post.threshold if post.threshold is not None else card.threshold,
@@ -80,13 +80,13 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         connectivity=post.connectivity if post.connectivity is not None else card.connectivity,
         save_member_probabilities=config.model.save_member_probabilities,
         omp_nthreads=config.resources.omp_nthreads,
-        model_provenance=model_provenance(model, folds, digests),
+        model_provenance=model_provenance(model, members, digests),
         template_t1w=template_t1w,
         template_mask=template_mask,
         brain_mask_mode=BRAIN_MASK_MODES[config.model.skull_stripped],
-        member_thresholds=tuple(card.member_thresholds[f] for f in folds) if card.member_thresholds else (),
-        voxel_maps=tuple(outputs.voxel_uncertainty),
-        lesion_maps=tuple(outputs.lesion_uncertainty_maps),
+        member_thresholds=tuple(card.member_thresholds[m] for m in members) if card.member_thresholds else (),
+        voxel_maps=tuple(outputs.voxel_maps),
+        lesion_maps=tuple(outputs.lesion_maps),
         detection_method=outputs.detection_method,
         detection_threshold=outputs.detection_threshold,
         ndsc_r=card.reference_lesion_load,

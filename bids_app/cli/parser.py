@@ -160,6 +160,7 @@ def build_parser() -> UsageArgumentParser:
     from bids_app import __version__
     from bids_app.app.config import ModelConfig, OutputConfig, ResourceConfig  # the defaults, written once there
     from bids_app.core.metrics.detection import DETECTION_METHODS
+    from bids_app.core.uncertainty.voxel import VOXEL_MEASURES
 
     parser = UsageArgumentParser(
         prog="msxplain",
@@ -220,8 +221,9 @@ def build_parser() -> UsageArgumentParser:
     )
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default=ModelConfig.device,
                        help="where the networks run; auto picks CUDA when a GPU is visible")
-    model.add_argument("--folds", nargs="+", metavar="FOLD",
-                       help="ensemble members (fold names) to use (default: all of the model card's)")
+    model.add_argument("--members", "--folds", dest="members", nargs="+", metavar="MEMBER",
+                       help="ensemble members to use, by name (nnU-Net's fold_<name> folders; default: all of the "
+                       "model card's). --folds is the same option")
     model.add_argument("--no-tta", dest="tta", action="store_false",
                        help="turn test-time augmentation off. TTA (mirroring over the axes the model allows, up "
                        "to 8 passes per member) is ON by default; --no-tta makes prediction up to 8x faster on a "
@@ -246,11 +248,11 @@ def build_parser() -> UsageArgumentParser:
                        help="also write each ensemble member's lesion probabilities (large)")
 
     unc = parser.add_argument_group("Uncertainty and evaluation")
-    unc.add_argument("--voxel-uncertainty", dest="voxel_uncertainty", nargs="+", metavar="MEASURE",
-                     choices=("NC", "EoE", "ExE", "MI", "EPKL", "RMI"), default=list(OutputConfig.voxel_uncertainty),
+    unc.add_argument("--voxel-uncertainty", dest="voxel_maps", nargs="+", metavar="MEASURE",
+                     choices=VOXEL_MEASURES, default=list(OutputConfig.voxel_maps),
                      help="voxel uncertainty maps to write")
-    unc.add_argument("--lesion-uncertainty-maps", dest="lesion_uncertainty_maps", nargs="*", metavar="MEASURE",
-                     default=list(OutputConfig.lesion_uncertainty_maps),
+    unc.add_argument("--lesion-uncertainty-maps", dest="lesion_maps", nargs="*", metavar="MEASURE",
+                     default=list(OutputConfig.lesion_maps),
                      help="lesion measures written as maps (each lesion painted with its value); all lesion "
                      "measures are in the lesion table anyway")
     unc.add_argument("--detection-method", dest="detection_method", choices=DETECTION_METHODS,

@@ -125,7 +125,7 @@ def build_network(plans: dict, configuration: str, n_input_channels: int, n_outp
 class MemberInput:
     """The weights of one ensemble member (see :func:`bids_app.model.checkpoints.load_member_weights`)."""
 
-    fold: str
+    name: str
     state_dict: dict
     mirroring_axes: tuple[int, ...] | None
 
@@ -193,7 +193,7 @@ class EnsemblePredictor:
             try:
                 network.load_state_dict(m.state_dict)
             except RuntimeError as exc:
-                raise BadInputData(f"Member fold_{m.fold} does not fit the network in plans.json "
+                raise BadInputData(f"Member fold_{m.name} does not fit the network in plans.json "
                                    f"({str(exc).splitlines()[0]}).",
                                    hint="the model folder mixes files of different models.") from None
         axes = self.members[0].mirroring_axes
@@ -227,7 +227,7 @@ class EnsemblePredictor:
             net.load_state_dict(member.state_dict)
             net.eval()
             nets.append(net)
-            names.append(str(member.fold))
+            names.append(str(member.name))
         return nets, names
 
     @property

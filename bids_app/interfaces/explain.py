@@ -15,6 +15,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -27,7 +28,7 @@ class _ExplainLesionsInputSpec(BaseInterfaceInputSpec):
     lesions_file = File(exists=True, mandatory=True, desc="postprocess JSON: label, class_index, n_voxels")
     model_dir = Directory(exists=True, mandatory=True, desc="nnU-Net trained-model folder")
     card_file = File(desc="model card JSON")
-    folds = traits.List(traits.Str, mandatory=True, desc="ensemble members (explained as their mean)")
+    members = traits.List(traits.Str, mandatory=True, desc="ensemble members (explained as their mean)")
     progress_label = traits.Str("", usedefault=True, desc="who the progress line is about, e.g. 'sub-01 ses-1'")
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True, desc="torch device")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
@@ -81,7 +82,7 @@ class ExplainLesions(SimpleInterface):
 
         start = time.perf_counter()
         names = list(self.inputs.channel_names)
-        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file), list(self.inputs.folds),
+        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file), list(self.inputs.members),
                                  device=self.inputs.device, tta=False, num_threads=self.inputs.num_threads)
         model, predictor = ensemble.model, ensemble.predictor
         orientation, _ = resolve_input_orientation(model, self.inputs.input_orientation)
@@ -144,7 +145,7 @@ class _RefineLesionsInputSpec(BaseInterfaceInputSpec):
     lesions_file = File(exists=True, mandatory=True, desc="postprocess JSON: label, class_index")
     refiner_file = File(exists=True, mandatory=True, desc="saliency-radiomics refiner JSON")
     refine = traits.Bool(False, usedefault=True, desc="write the refined segmentation (drops p < threshold)")
-    refine_threshold = traits.Float(-1.0, usedefault=True, desc="refinement threshold (< 0: the refiner's own)")
+    refine_threshold = traits.Float(desc="refinement threshold (unset: the refiner's own)")
     label_indices = traits.List(traits.Int, mandatory=True, desc="lesion label indices of the model")
     label_names = traits.List(traits.Str, mandatory=True, desc="their names")
     sources = traits.List(traits.Str, mandatory=True, desc="raw inputs (provenance)")
@@ -187,7 +188,8 @@ class RefineLesions(SimpleInterface):
             lesions = SessionLesions.from_record(json.load(handle))
         with open(self.inputs.refiner_file) as handle:
             refiner = check_refiner(json.load(handle))
-        refinement = refine_lesions(refiner, store, lesions.labels, self.inputs.refine_threshold)
+        refinement = refine_lesions(refiner, store, lesions.labels,
+                                    self.inputs.refine_threshold if isdefined(self.inputs.refine_threshold) else None)
         failed_labels = refinement.failed_labels
         if failed_labels:
             logging.getLogger("bids_app.refine").warning(

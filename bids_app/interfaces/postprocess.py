@@ -19,7 +19,7 @@ class _PostProcessInputSpec(BaseInterfaceInputSpec):
     reference_file = File(exists=True, mandatory=True, desc="reference image (grid and affine of the outputs)")
     label_indices = traits.List(traits.Int, mandatory=True, desc="output indices of the lesion classes")
     label_names = traits.List(traits.Str, mandatory=True, desc="names of the lesion classes (e.g. WML, CL)")
-    folds = traits.List(traits.Str, mandatory=True, desc="member (fold) names, in the order of the probabilities")
+    members = traits.List(traits.Str, mandatory=True, desc="member names, in the order of the probabilities")
     threshold = traits.Float(mandatory=True, desc="lesion probability threshold (p >= threshold)")
     min_lesion_size = traits.Int(mandatory=True, desc="smallest lesion kept, in voxels")
     connectivity = traits.Enum(6, 18, 26, mandatory=True, desc="voxel connectivity of a lesion")
@@ -67,19 +67,20 @@ class PostProcess(SimpleInterface):
             prob_file = os.path.abspath(f"prob_{name}.nii.gz")
             save_image(prob_file, ensemble[c].astype(np.float32), affine)
             records.append({"key": "probseg", "file": prob_file, "sources": sources, "entities": {"label": name},
-                            "metadata": {"Members": list(self.inputs.folds), "Aggregation": "mean of member softmax"}})
+                            "metadata": {"Members": list(self.inputs.members),
+                                         "Aggregation": "mean of member softmax"}})
             mask_file = os.path.abspath(f"mask_{name}.nii.gz")
             save_image(mask_file, seg.class_mask(c).astype(np.uint8), affine)
             records.append({"key": "class_mask", "file": mask_file, "sources": sources, "entities": {"label": name},
                             "derived_from": [{"key": "probseg", "entities": {"label": name}}],
                             "metadata": {"Type": "Lesion", "Manual": False, **params}})
             if self.inputs.save_member_probabilities:
-                for m, fold in enumerate(self.inputs.folds):
-                    member_file = os.path.abspath(f"member{fold}_{name}.nii.gz")
+                for m, member in enumerate(self.inputs.members):
+                    member_file = os.path.abspath(f"member{member}_{name}.nii.gz")
                     save_image(member_file, np.asarray(member_probs[m, c], dtype=np.float32), affine)
                     records.append({"key": "member_probseg", "file": member_file, "sources": sources,
-                                    "entities": {"label": name, "desc": f"member{fold}"},
-                                    "metadata": {"Member": fold}})
+                                    "entities": {"label": name, "desc": f"member{member}"},
+                                    "metadata": {"Member": member}})
         union_file = os.path.abspath("mask_lesion.nii.gz")
         save_image(union_file, (seg.dseg > 0).astype(np.uint8), affine)
         records.append({"key": "lesion_mask", "file": union_file, "sources": sources,

@@ -21,7 +21,8 @@ class _PredictLesionsInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid")
     model_dir = Directory(exists=True, mandatory=True, desc="nnU-Net trained-model folder")
     card_file = File(desc="model card JSON (empty: the card beside the model, or an inferred one)")
-    folds = traits.List(traits.Str, mandatory=True, desc="ensemble members to run (fold names)")
+    members = traits.List(traits.Str, mandatory=True,
+                          desc="ensemble members to run (names of nnU-Net's fold_<name> folders)")
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True, desc="torch device")
     tta = traits.Bool(True, usedefault=True, desc="test-time mirroring")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
@@ -62,7 +63,7 @@ class PredictLesions(SimpleInterface):
         from bids_app.progress import ProgressLine
 
         start = time.perf_counter()
-        members = list(self.inputs.folds)
+        members = list(self.inputs.members)
         ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file), members,
                                  device=self.inputs.device, tta=self.inputs.tta, num_threads=self.inputs.num_threads)
         model, predictor = ensemble.model, ensemble.predictor

@@ -13,10 +13,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-#: voxel maps written by default: total, aleatoric and epistemic uncertainty
-DEFAULT_VOXEL_MAPS = ("EoE", "ExE", "MI")
-#: lesion maps written by default (each lesion painted with its value)
-DEFAULT_LESION_MAPS = ("LSU", "mean_MI")
+from bids_app.core.uncertainty.session import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS
 
 
 class _ComputeUncertaintyInputSpec(BaseInterfaceInputSpec):

@@ -188,7 +188,7 @@ def select_members(model: ResolvedModel, requested: list[str] | None) -> list[st
         return list(model.card.members)
     unknown = [f for f in requested if str(f) not in model.card.members]
     if unknown:
-        raise UsageError(f"--folds {' '.join(unknown)} not in the model (members: {', '.join(model.card.members)}).",
+        raise UsageError(f"--members {' '.join(unknown)} not in the model (members: {', '.join(model.card.members)}).",
                          hint="choose among the model card's members.")
     return [str(f) for f in requested]
 
@@ -314,7 +314,7 @@ def verify_members(model: ResolvedModel, members: list[str]) -> dict[str, str]:
         ckpt = model.member_checkpoint(member)
         if not ckpt.is_file():
             raise MissingInput(f"Model member fold_{member} has no {model.card.checkpoint}.", path=str(ckpt),
-                               hint="restore the missing fold or select others with --folds.")
+                               hint="restore the missing fold or select other members with --members.")
         digest = sha256_file(ckpt)
         expected = model.card.members.get(member, "")
         if expected and digest != expected:

@@ -28,6 +28,7 @@ from bids_app.bids.discovery import SessionInputs
 from bids_app.core.explain import ExplainConfig
 from bids_app.core.metrics.detection import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD
 from bids_app.core.metrics.overlap import DEFAULT_NDSC_R
+from bids_app.core.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS
 from bids_app.interfaces.conform import BrainMask, ConformInputs
 from bids_app.interfaces.derivatives import DerivativesSink, SessionSummary
 from bids_app.interfaces.evaluation import EvaluateSession, LesionTable
@@ -35,7 +36,7 @@ from bids_app.interfaces.explain import ExplainLesions, RefineLesions
 from bids_app.interfaces.features import LesionFeatures
 from bids_app.interfaces.postprocess import PostProcess
 from bids_app.interfaces.segment import PredictLesions
-from bids_app.interfaces.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS, ComputeUncertainty
+from bids_app.interfaces.uncertainty import ComputeUncertainty
 from bids_app.progress import session_label
 
 
@@ -58,7 +59,7 @@ class PipelineSettings:
     reference_channel: int
     #: the model card's ``skull_stripped_input``: the network sees the inputs zeroed outside the brain mask
     skull_stripped_input: bool
-    folds: tuple[str, ...]
+    members: tuple[str, ...]
     device: str
     tta: bool
     threshold: float
@@ -111,7 +112,7 @@ class PipelineSettings:
             "ThresholdRule": "p >= threshold",
             "MinLesionSizeVoxels": self.min_lesion_size,
             "Connectivity": self.connectivity,
-            "Members": list(self.folds),
+            "Members": list(self.members),
             "TestTimeAugmentation": self.tta,
             "Device": self.device,
             "SkullStripForNetwork": self.skull_stripped_input,
@@ -181,7 +182,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     # 3. per-member probabilities; a GPU node for MultiProc's GPU queue when CUDA is used.
     #    n_procs=1: a GPU node takes n_procs GPU slots in MultiProc; torch uses its own threads.
     predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=_card_trait(settings),
-                                     folds=list(settings.folds), device=settings.device, tta=settings.tta,
+                                     members=list(settings.members), device=settings.device, tta=settings.tta,
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
                                      skull_stripped_input=settings.skull_stripped_input,
                                      input_orientation=settings.input_orientation),
@@ -191,7 +192,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         predict.plugin_args = {"sbatch_args": settings.gpu_sbatch_args, "overwrite": False}
     # 4. threshold, minimum size, connectivity -> masks and lesion instances
     postprocess = pe.Node(PostProcess(label_indices=list(settings.label_indices),
-                                      label_names=list(settings.label_names), folds=list(settings.folds),
+                                      label_names=list(settings.label_names), members=list(settings.members),
                                       threshold=settings.threshold, min_lesion_size=settings.min_lesion_size,
                                       connectivity=settings.connectivity,
                                       save_member_probabilities=settings.save_member_probabilities,
@@ -249,7 +250,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     if settings.explain is not None:
         explain = pe.Node(ExplainLesions(
             channel_names=[f.channel for f in session.files], model_dir=str(settings.trainer_dir),
-            card_file=_card_trait(settings), folds=list(settings.folds), device=settings.device,
+            card_file=_card_trait(settings), members=list(settings.members), device=settings.device,
             num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_stripped_input=settings.skull_stripped_input,
             input_orientation=settings.input_orientation, sources=sources,
             explain_config=dataclasses.asdict(settings.explain), max_lesions=settings.explain_max_lesions),

@@ -35,7 +35,13 @@ All functions are pure: they never modify their inputs.
 from bids_app.core.uncertainty.lesion import EPS_STRUCT, LOGSUM_SKIPPED, STRUCTURAL_MEASURES, lesion_uncertainty
 from bids_app.core.uncertainty.matching import ensemble_segmentation, member_segmentations
 from bids_app.core.uncertainty.patient import patient_uncertainty
-from bids_app.core.uncertainty.session import UncertaintyResult, compute_uncertainty, paint_lesions
+from bids_app.core.uncertainty.session import (
+    DEFAULT_LESION_MAPS,
+    DEFAULT_VOXEL_MAPS,
+    UncertaintyResult,
+    compute_uncertainty,
+    paint_lesions,
+)
 from bids_app.core.uncertainty.voxel import (
     EPS_VOXEL,
     VOXEL_MEASURES,
@@ -45,6 +51,8 @@ from bids_app.core.uncertainty.voxel import (
 )
 
 __all__ = [
+    "DEFAULT_LESION_MAPS",
+    "DEFAULT_VOXEL_MAPS",
     "EPS_STRUCT",
     "EPS_VOXEL",
     "LOGSUM_SKIPPED",

@@ -20,6 +20,12 @@ from bids_app.core.uncertainty.matching import ensemble_segmentation, member_seg
 from bids_app.core.uncertainty.patient import patient_uncertainty
 from bids_app.core.uncertainty.voxel import EPS_VOXEL, check_lesion_labels, check_member_probs, voxel_uncertainty
 
+#: voxel measures written as maps unless asked otherwise: total (EoE), aleatoric (ExE) and
+#: epistemic (MI) uncertainty (docs/uncertainty.md)
+DEFAULT_VOXEL_MAPS: tuple[str, ...] = ("EoE", "ExE", "MI")
+#: lesion measures written as painted maps unless asked otherwise (every one is in the lesion table)
+DEFAULT_LESION_MAPS: tuple[str, ...] = ("LSU", "mean_MI")
+
 
 def paint_lesions(instances: np.ndarray, values: np.ndarray, background: float = 0.0, dtype=np.float32) -> np.ndarray:
     """Lesion map: every voxel of lesion ``k`` gets ``values[k - 1]``.
