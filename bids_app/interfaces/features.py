@@ -109,7 +109,8 @@ class LesionFeatures(SimpleInterface):
 
         from bids_app.bids.derivatives import dumps_json, parse_bids_name
         from bids_app.core.imageio import load_image
-        from bids_app.core.lesions.features import FeatureOptions, feature_dictionary, lesion_features
+        from bids_app.core.lesions.dictionary import feature_dictionary
+        from bids_app.core.lesions.features import FeatureOptions, lesion_features
         from bids_app.core.registration import (
             register_to_template,
             warp_labels_to_subject,

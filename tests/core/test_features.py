@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from bids_app.core.lesions import dictionary as D
 from bids_app.core.lesions import features as F
+from bids_app.core.lesions import shape as S
 from bids_app.core.lesions.location import LocationRules
 from bids_app.core.registration import TemplateTransform
 
@@ -178,7 +180,7 @@ def test_radiomics_shape_matches_the_pyradiomics_extractor(scene, table):
     image.SetSpacing((1.0, 1.0, 2.0))
     for k in (3, 4, 6):
         result = ext.execute(image, mask, label=k)
-        for name in F.RADIOMICS_SHAPE:
+        for name in S.RADIOMICS_SHAPE:
             assert table.loc[k - 1, f"radiomics_shape_{name}"] == pytest.approx(float(result[f"original_shape_{name}"]),
                                                                                 rel=1e-9), (k, name)
 
@@ -239,14 +241,14 @@ def test_geometry_and_template_columns(scene):
 
 
 def test_data_dictionary_covers_every_column(table):
-    entries = F.feature_dictionary(table.columns, ["T1w", "FLAIR"])
+    entries = D.feature_dictionary(table.columns, ["T1w", "FLAIR"])
     assert set(entries) == set(table.columns)
     assert entries["FLAIR_p90"]["Description"].startswith("90th percentile") and "FLAIR" in entries["FLAIR_p90"][
         "Description"]
     assert entries["distance_to_cortex_mm"]["Units"] == "mm"
     assert entries["sitk_Perimeter"]["Units"] == "mm^2"
     assert entries["cortical_type"]["Levels"]["intracortical"] == "cortex_fraction >= 0.9"
-    custom = F.feature_dictionary(["cortical_type", "location_class"],
+    custom = D.feature_dictionary(["cortical_type", "location_class"],
                                   rules=LocationRules(intracortical_min=0.8, periventricular_mm=5))
     assert custom["cortical_type"]["Levels"]["intracortical"] == "cortex_fraction >= 0.8"
     assert "distance_to_ventricle_mm <= 5" in custom["location_class"]["Description"]
