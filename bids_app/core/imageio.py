@@ -2,7 +2,7 @@
 
 Arrays inside msxplain are in **nibabel voxel order** ``(X, Y, Z)`` (first index along the
 affine's first column). nnU-Net works in **SimpleITK order** ``(Z, Y, X)`` with spacing
-reversed accordingly (``nnunet_mechanics.md`` §1.4); :func:`to_nnunet_order` and
+reversed accordingly (as nnU-Net's SimpleITKIO reads a NIfTI; docs/model-card.md); :func:`to_nnunet_order` and
 :func:`from_nnunet_order` are the only places where that transposition happens.
 
 Loading never trusts a file blindly: :func:`load_image` raises

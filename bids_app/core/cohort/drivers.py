@@ -1,7 +1,7 @@
 """What drives lesion uncertainty: the regression of a lesion's uncertainty on its features (pure
 pandas / numpy / scikit-learn, no file I/O).
 
-:func:`uncertainty_drivers` is the regression of arXiv:2504.04814 (§3.6): StandardScaler ->
+:func:`uncertainty_drivers` is the regression of arXiv:2504.04814: StandardScaler ->
 RFE(DecisionTreeRegressor) -> ElasticNet, grid search with a shuffled 5-fold CV refit on R²,
 repeated over random states, or random-forest importances. ``docs/features.md`` §3.4 gives the
 recipe. All functions are pure.
@@ -29,7 +29,7 @@ SMALL_ELASTICNET_GRID: dict[str, list] = {
     "elasticnet__alpha": [1e-3, 1e-2, 1e-1],
     "elasticnet__l1_ratio": [0.5, 1.0],
 }
-#: random-forest grids (the reference's values are not all known: "full" is inferred, §3.6)
+#: random-forest grids (the reference's values are not all known: "full" is inferred)
 SMALL_FOREST_GRID: dict[str, list] = {"n_estimators": [100], "max_features": [0.5], "min_samples_leaf": [5]}
 FULL_FOREST_GRID: dict[str, list] = {
     "n_estimators": [20, 50, 100, 200, 300],

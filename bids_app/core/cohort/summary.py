@@ -7,7 +7,7 @@
 * :func:`flatten_metrics`, :func:`sessions_table`: one row per session from nested metric dicts.
 * :func:`assign_domain`, :func:`detection_summary`: pooled (summed counts) and per-session
   (mean [CI]) lesion detection metrics, overall, per site and in- vs out-of-domain.
-* :func:`patient_retention_table`: patient-scale retention curves (§2.7) per uncertainty
+* :func:`patient_retention_table`: patient-scale retention curves (arXiv:2311.08931) per uncertainty
   measure and metric, with the random and ideal baselines.
 
 ``docs/features.md`` gives the recipes. All functions are pure.
@@ -219,7 +219,7 @@ class DetectionSummary:
     ----------
     pooled : DataFrame
         One row per group: ``group_by, group, n_sessions``, the summed counts ``TPL, FPL, USL,
-        FNL`` and ``F1, precision, recall, USL_rate`` computed from them (§1.6 conventions).
+        FNL`` and ``F1, precision, recall, USL_rate`` computed from them (the conventions of arXiv:2507.12092).
     summary : DataFrame
         :func:`summarise` of the per-session metrics (mean [CI] and SE per group).
     """
@@ -311,7 +311,7 @@ def patient_retention_table(
     by: str | Sequence[str] = (),
     replace_with: float = 1.0,
 ) -> tuple[pd.DataFrame, dict[tuple, RetentionCurve]]:
-    """Patient-scale retention curves (§2.7) for every (uncertainty measure, metric) pair.
+    """Patient-scale retention curves (arXiv:2311.08931) for every (uncertainty measure, metric) pair.
 
     Uses :func:`bids_app.core.metrics.retention.patient_retention_curve` on the rows where both values
     are finite.

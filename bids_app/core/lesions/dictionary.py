@@ -58,8 +58,8 @@ FEATURE_DICTIONARY: dict[str, dict[str, str]] = {
                                "Units": "mm"},
     "centroid_z_template_mm": {"Description": "Lesion centroid mapped to the template (MNI) space, z (RAS+).",
                                "Units": "mm"},
-    "gm_fraction": {"Description": "Fraction of the lesion's voxels with GM probability > gm_threshold (GM overlap "
-                                   "of algorithms.md §3.5; includes deep grey matter when the GM map does).",
+    "gm_fraction": {"Description": "Fraction of the lesion's voxels with GM probability > gm_threshold (the GM overlap "
+                                   "of arXiv:2504.04814; includes deep grey matter when the GM map does).",
                     "Units": ""},
     "cortex_fraction": {"Description": "Fraction of the lesion's voxels in the cortex (GM mask minus the atlas's deep "
                                        "grey, infratentorial and ventricle classes; the GM mask alone without an "
@@ -159,7 +159,7 @@ def feature_dictionary(columns, channels=(), rules: LocationRules | None = None)
                            f"deep_grey_matter: majority atlas class in {list(rules.deep_grey_classes)}; "
                            "deep_white_matter: otherwise). n/a without an atlas.", "Units": ""},
         "gm_fraction": {"Description": f"Fraction of the lesion's voxels with GM probability > {rules.gm_threshold:g} "
-                                       "(GM overlap of algorithms.md §3.5; includes deep grey matter when the GM map "
+                                       "(the GM overlap of arXiv:2504.04814; includes deep grey matter when the GM map "
                                        "does).", "Units": ""},
     }
     for col in columns:

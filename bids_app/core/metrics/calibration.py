@@ -1,4 +1,4 @@
-"""Calibration of a lesion-probability map against the reference (§1.6.8): CE, ECE, MCE and Brier
+"""Calibration of a lesion-probability map against the reference (arXiv:2507.12092): CE, ECE, MCE and Brier
 score over uniform bins, as interpret-lesion-unc (arXiv:2407.05761). Pure numpy, no file I/O;
 ``docs/uncertainty.md`` lists the conventions.
 """
@@ -16,7 +16,7 @@ CALIBRATION_BINS = 30
 def calibration(
     prob: np.ndarray, ref: np.ndarray, n_bins: int = CALIBRATION_BINS, mask: np.ndarray | None = None
 ) -> dict:
-    """Calibration of a lesion-probability map against the reference (§1.6.8).
+    """Calibration of a lesion-probability map against the reference (arXiv:2507.12092).
 
     Uniform bins over [0, 1] with the ``sklearn.calibration_curve`` binning
     (``np.searchsorted(edges[1:-1], p)``: a value on an inner edge goes to the lower bin).

@@ -1,4 +1,4 @@
-"""Lesion-wise detection against a reference (§1.6): every predicted lesion is a TPL, USL or FPL and
+"""Lesion-wise detection against a reference (arXiv:2507.12092): every predicted lesion is a TPL, USL or FPL and
 every reference lesion detected or an FNL; F1, recall, precision and USL-rate from the counts.
 Pure numpy, no file I/O.
 
@@ -26,7 +26,7 @@ import numpy as np
 from bids_app.core.metrics._checks import as_volume, binary, same_shape
 from bids_app.core.postprocess import check_connectivity, label_components, label_pair_counts
 
-#: detection methods of §1.6
+#: detection methods of arXiv:2507.12092's code
 DETECTION_METHODS: tuple[str, ...] = ("iou_adj", "iou", "non_zero")
 #: default detection method, IoU threshold and connectivity (CL convention; CLI defaults)
 DEFAULT_METHOD = "iou_adj"
@@ -95,7 +95,7 @@ def classify_lesions(
 ) -> LesionTypes:
     """Classify every predicted lesion as TPL / USL / FPL and every reference lesion as detected / FNL.
 
-    For a predicted component ``P`` (§1.6):
+    For a predicted component ``P`` (arXiv:2507.12092):
 
     * ``iou_adj``: ``K'`` = union of the reference components meeting ``P``, ``Q`` = the other
       predicted voxels, ``IoU_adj = |P ∩ K'| / |P ∪ (K' \\ (K' ∩ Q))|`` (0 when ``K'`` is empty).
@@ -172,7 +172,7 @@ def classify_lesions(
 
 
 def detection_scores(tpl: int, fpl: int, usl: int, fnl: int) -> dict[str, float]:
-    """F1, recall, precision and USL-rate from lesion counts, with the §1.6 conventions.
+    """F1, recall, precision and USL-rate from lesion counts, with the conventions of arXiv:2507.12092.
 
     ``F1 = 2TPL / (2TPL + FPL + USL + FNL)`` (1 if the denominator is 0);
     ``recall = TPL / (TPL + FNL)`` (1 if 0); ``precision = TPL / (TPL + FPL + USL)``
@@ -198,7 +198,7 @@ def lesion_detection(
     *,
     pred_instances: np.ndarray | None = None,
 ) -> dict:
-    """Lesion-wise detection metrics of one scan (§1.6).
+    """Lesion-wise detection metrics of one scan (arXiv:2507.12092).
 
     Parameters
     ----------

@@ -1,5 +1,5 @@
-"""Voxel overlap metrics against a reference (§1.6.7, §2.8): DSC, normalised DSC (nDSC) and voxel
-TPR / FPR / FDR. Pure numpy, no file I/O.
+"""Voxel overlap metrics against a reference (arXiv:2507.12092; nDSC: arXiv:2302.05432): DSC,
+normalised DSC (nDSC) and voxel TPR / FPR / FDR. Pure numpy, no file I/O.
 
 nDSC as in Molchanova et al., arXiv:2311.08931 (MS_WML_uncs, Shifts); ``docs/uncertainty.md``
 lists the conventions (zero denominators). Masks are ``(X, Y, Z)`` or ``(X, Y)`` (one slice);
@@ -50,7 +50,7 @@ def _ndsc_from_counts(tp, fp, fn, n_ref, n_total, r):
 
 
 def ndsc(pred: np.ndarray, ref: np.ndarray, r: float = DEFAULT_NDSC_R, mask: np.ndarray | None = None) -> float:
-    """Normalised DSC (§2.8): ``2TP / (2TP + FN + k FP)``, ``k = (1 - r)|Y| / (r (N - |Y|))``.
+    """Normalised DSC (arXiv:2302.05432): ``2TP / (2TP + FN + k FP)``, ``k = (1 - r)|Y| / (r (N - |Y|))``.
 
     ``k = 1`` when the reference is empty or fills all N voxels considered; 1 when both masks are
     empty.

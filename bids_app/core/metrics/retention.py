@@ -1,4 +1,4 @@
-"""Error retention curves (§2.7) at voxel, lesion and patient scale, with the lesion curves' ideal
+"""Error retention curves (arXiv:2311.08931) at voxel, lesion and patient scale, with the lesion curves' ideal
 and random baselines. Pure numpy, no file I/O.
 
 Retention curves as in Molchanova et al., arXiv:2311.08931 (MS_WML_uncs, Shifts) and
@@ -71,7 +71,7 @@ def voxel_retention_curve(
     r: float = DEFAULT_NDSC_R,
     mask: np.ndarray | None = None,
 ) -> dict[str, RetentionCurve]:
-    """Voxel-scale error retention curves (§2.7).
+    """Voxel-scale error retention curves (arXiv:2311.08931).
 
     Voxels are sorted by ascending uncertainty with a **stable** sort (ties keep C-order flat
     index order; NaN sorts last, i.e. as most uncertain). For each retained fraction f the first
@@ -170,7 +170,7 @@ def lesion_retention_curve(
     metric: str = "LF1",
     fracs: np.ndarray | None = None,
 ) -> RetentionCurve:
-    """Lesion-scale retention curve (CL variant of §2.7).
+    """Lesion-scale retention curve (the cortical-lesion variant of arXiv:2311.08931's curves).
 
     Lesions are rejected one at a time from the most uncertain (stable descending sort, ties in
     row order, NaN first). A rejected FPL becomes a true negative (leaves the counts), a rejected
@@ -247,7 +247,7 @@ def patient_retention_curve(
     replace_with: float = 1.0,
     metric: str = "DSC",
 ) -> RetentionCurve:
-    """Patient-scale retention curve (§2.7, group level).
+    """Patient-scale retention curve (arXiv:2311.08931, group level).
 
     Starting from the mean metric of all n patients, the most uncertain patient's metric is
     replaced by ``replace_with`` (a perfect score), one patient at a time (stable descending

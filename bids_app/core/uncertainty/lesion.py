@@ -35,7 +35,7 @@ from bids_app.core.uncertainty.voxel import (
     voxel_measures_block,
 )
 
-#: structural lesion measures, in output order (§2.4, §3.4); "LSU" is ``ddu`` of the CL repo
+#: structural lesion measures, in output order (arXiv:2311.08931, arXiv:2407.05761); "LSU" is ``ddu`` of the CL repo
 STRUCTURAL_MEASURES: tuple[str, ...] = (
     "LSU", "LSU+", "ddu_adj", "ddu_fast", "srmi", "smi", "seoe", "vvc", "avg_pwdice", "global_iou",
 )
@@ -61,7 +61,7 @@ def lesion_uncertainty(
     eps_voxel: float = EPS_VOXEL,
     eps_struct: float = EPS_STRUCT,
 ) -> pd.DataFrame:
-    """Uncertainty of every predicted lesion (§2.4, §3.4), one row per lesion in label order.
+    """Uncertainty of every predicted lesion (arXiv:2311.08931, arXiv:2407.05761), one row per lesion in label order.
 
     For ensemble lesion ``L`` of class ``c`` and member ``m`` with lesion map ``seg_m`` (built with
     the ensemble's threshold, ``min_size`` and connectivity), ``L_m`` is the member-m lesion of
@@ -71,7 +71,7 @@ def lesion_uncertainty(
     * ``LSU`` (= ``ddu``) ``= 1 - mean_m IoU(L, L_m)`` (IoU 0 when ``L_m`` is empty);
     * ``LSU+``: the same with the members' own thresholds (only when ``member_thresholds``);
     * ``ddu_adj = 1 - mean_m IoU_adj(L)`` against member m's lesions, ``Q`` = the other
-      ensemble voxels of class ``c`` (§1.6 formula);
+      ensemble voxels of class ``c`` (the formula of arXiv:2507.12092);
     * ``ddu_fast = 1 - mean_m IoU(L, seg_m[c])`` (the whole member mask of class c);
     * ``srmi = mean_L ln(p̄ + ε) - mean_{m, L} ln(p_m + ε)``;
     * ``smi = -(1/M) Σ_m mean_{L_m} [ln(p̄ + ε) - ln(p_m + ε)]`` (0 for members with empty ``L_m``);

@@ -62,7 +62,7 @@ def patient_uncertainty(
     member_segs_plus: Sequence[LesionSegmentation] | None = None,
     eps_voxel: float = EPS_VOXEL,
 ) -> dict:
-    """Patient-scale uncertainty (§2.5).
+    """Patient-scale uncertainty (arXiv:2311.08931).
 
     * ``PSU = 1 - mean_m IoU(seg_ens, seg_m)`` on the class maps (class-aware: a voxel is in the
       intersection when both say the same lesion class); ``IoU(∅, ∅) = 1``. With several lesion

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: voxel measures, in output order (§2.3)
+#: voxel measures, in output order (arXiv:2311.08931)
 VOXEL_MEASURES: tuple[str, ...] = ("NC", "EoE", "ExE", "MI", "EPKL", "RMI")
 #: ε inside the voxel-measure logarithms (MS_WML_uncs)
 EPS_VOXEL = 1e-10
@@ -139,7 +139,7 @@ def voxel_uncertainty(
     eps: float = EPS_VOXEL,
     dtype=np.float32,
 ) -> dict[str, np.ndarray]:
-    """Voxel-scale uncertainty maps of a deep ensemble (§2.3).
+    """Voxel-scale uncertainty maps of a deep ensemble (arXiv:2311.08931).
 
     With ``p̄_c = mean_m p_m,c`` and sums over all C classes:
     ``NC = -max_c p̄_c``; ``EoE = -Σ_c p̄_c ln(p̄_c + ε)``;
