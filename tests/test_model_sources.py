@@ -15,6 +15,7 @@ import io
 import json
 import pickle
 import re
+import shutil
 import threading
 import time
 import zipfile
@@ -407,6 +408,68 @@ def test_the_shipped_registry_is_valid_and_demo_is_bundled():
     from bids_app.model.provenance import model_provenance
 
     assert model_provenance(model, ["0"])["Source"] == {"Kind": "bundled"}
+
+
+def test_a_registry_card_is_completed_from_the_checked_archive(zenodo, export, tiny_model, tmp_path, monkeypatch,
+                                                               capsys):
+    """``"members": "from-archive"`` and no ``files``: the pull pins the archive's checkpoints, plans.json
+    and dataset.json in the card it writes; a card pinning other checkpoints is refused, nothing cached."""
+    from bids_app.model import registry as model_registry
+    from bids_app.model.card import CARD_NAME, MEMBERS_FROM_ARCHIVE, sha256_file
+    from bids_app.model.resolve import resolve_model, verify_members
+
+    data, _ = export
+    zenodo.add_record("1020", {"Dataset990_MsxplainTiny.zip": data})
+    zenodo.add_record("1021", {"Dataset990_MsxplainTiny.zip": data})
+    card = json.loads((tiny_model / CARD_NAME).read_text())
+    card.pop("files", None)
+    template = {**card, "id": "tiny-template", "members": MEMBERS_FROM_ARCHIVE}
+    wrong = {**card, "id": "tiny-wrong", "members": [{"fold": "0", "sha256": "1" * 64}]}
+    (tmp_path / "cards").mkdir()
+    (tmp_path / "cards" / "template.json").write_text(json.dumps(template))
+    (tmp_path / "cards" / "wrong.json").write_text(json.dumps(wrong))
+    registry = {"registry_version": 1, "models": {
+        "tiny-template": {"title": "t", "source": "zenodo:1020", "card": "cards/template.json"},
+        "tiny-wrong": {"title": "t", "source": "zenodo:1021", "card": "cards/wrong.json"}}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    monkeypatch.setattr(model_registry, "REGISTRY_FILE", tmp_path / "registry.json")
+
+    model = resolve_model("tiny-template")
+    assert model.card.id == "tiny-template"
+    assert model.card.members == {f: sha256_file(tiny_model / f"fold_{f}" / "checkpoint_final.pth")
+                                  for f in ("0", "1", "2")}
+    assert model.card.files == {n: sha256_file(tiny_model / n) for n in ("plans.json", "dataset.json")}
+    assert model.card.raw["pinned_at_pull"] == {"fields": ["members", "files"],
+                                                "archive_checked_against": "record md5"}
+    assert verify_members(model, ["0", "1", "2"])
+    assert tools_main(["models", "pull", "tiny-wrong"]) == BadInputData.exit_code
+    err = capsys.readouterr().err
+    assert "fold_0/checkpoint_final.pth has SHA-256" in err and "the registry card pins 1111" in err
+    assert not (cache_dir(tmp_path) / "zenodo-1021").exists()
+
+
+def test_the_published_models_cards_are_valid_once_completed(tiny_model, tmp_path):
+    """The shipped cards of flames and cl-benchmark parse once a pull has completed them; the
+    FLAMeS card's published checkpoint digests refuse any other archive (here the tiny model)."""
+    from bids_app.model.cache import registry_card_for
+    from bids_app.model.card import ModelCard
+    from bids_app.model.registry import load_registry, remote_source
+
+    registry = load_registry()
+    assert remote_source("flames").record == "17955359" and remote_source("flames").file == "Dataset004_WML.zip"
+    assert remote_source("cl-benchmark").doi == "10.5281/zenodo.15911797"
+    root = tmp_path / "export"
+    shutil.copytree(tiny_model, root / "Dataset301_CL_Multisite" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
+    card, trainer_dir = registry_card_for(registry["cl-benchmark"].card_file(), root, label="cl-benchmark", url="u",
+                                          checked_against="record md5")
+    assert trainer_dir.parent.name == "Dataset301_CL_Multisite"
+    parsed = ModelCard.from_dict(card)
+    assert [c.name for c in parsed.channels] == ["T1w"] and [lab.name for lab in parsed.labels] == ["CL"]
+    assert parsed.skull_stripped_input and parsed.connectivity == 26 and set(parsed.members) == {"0", "1", "2"}
+    shutil.copytree(tiny_model, root / "Dataset004_WML" / "nnUNetTrainer_8000epochs__nnUNetPlans__3d_fullres")
+    with pytest.raises(BadInputData, match="the registry card pins 4fc7db24"):
+        registry_card_for(registry["flames"].card_file(), root / "Dataset004_WML", label="flames", url="u",
+                          checked_against="record md5")
 
 
 def test_models_offline_ignores_templateflow_home(monkeypatch):

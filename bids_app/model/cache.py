@@ -233,7 +233,11 @@ def _pull_locked(source: RemoteSource, cache: Path) -> Path:
         if source.card is not None:
             from bids_app.model.card import CARD_NAME
 
-            shutil.copyfile(source.card, tmp / ENTRY_MODEL_DIR / CARD_NAME)
+            card, trainer_dir = registry_card_for(source.card, tmp / ENTRY_MODEL_DIR, label=label, url=url,
+                                                  checked_against="registry sha256" if source.sha256 else
+                                                  ("record md5" if md5 else "size only"))
+            # in the trainer folder, where it wins over a card the archive may carry
+            (trainer_dir / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
         info = {
             "spec": source.spec,
             "registry_name": source.registry_name,
@@ -259,6 +263,83 @@ def _pull_locked(source: RemoteSource, cache: Path) -> Path:
     _remove(part)
     LOGGER.info("Model %s fetched into %s (SHA-256 %s)", label, target, sha256)
     return target
+
+
+def registry_card_for(card_file: Path, root: Path, *, label: str, url: str,
+                      checked_against: str) -> tuple[dict[str, Any], Path]:
+    """The registry's card for the export unpacked under ``root``, completed and checked against it,
+    and the trainer folder it describes.
+
+    A registry card may leave what only the release can tell to the pull: ``"members":
+    "from-archive"`` becomes the ``fold_*`` checkpoints of the archive with their SHA-256, and a
+    card without ``files`` gets the SHA-256 of ``plans.json`` and ``dataset.json``; the card then
+    records ``"pinned_at_pull"`` (what was filled in, and what the archive was checked against).
+    Checksums the card already pins (e.g. FLAMeS's published checkpoint digests) must match the
+    archive, or the pull is refused before anything is cached.
+
+    Parameters
+    ----------
+    card_file : Path
+        The registry's card (``bids_app/data/cards/<name>.json``).
+    root : Path
+        The unpacked export.
+    label, url : str
+        For messages.
+    checked_against : str
+        What the archive's checksum was checked against (``registry sha256``, ``record md5``...).
+
+    Returns
+    -------
+    card : dict
+    trainer_dir : Path
+        The export's ``<trainer>__<plans>__<configuration>`` folder the card names.
+
+    Raises
+    ------
+    BadInputData
+        The export has no trainer folder the card's ``nnunet`` section names, no checkpoint, or a
+        file whose SHA-256 differs from the card's.
+    """
+    from bids_app.model.archive import find_trainer_dirs
+    from bids_app.model.card import MEMBERS_FROM_ARCHIVE, ModelCard, member_checksums, pin_model_files, read_json_file
+
+    card = read_json_file(card_file, "Registry model card", missing_hint="reinstall msxplain.")
+    nnunet = card.get("nnunet") if isinstance(card.get("nnunet"), dict) else {}
+    configuration = nnunet.get("configuration", "3d_fullres")
+    # nnU-Net names a trained model <trainer>__<plans>__<configuration>; the card names what it knows
+    folder = "__".join([str(nnunet[k]) for k in ("trainer", "plans") if nnunet.get(k)] + [configuration])
+    candidates = [d for d in find_trainer_dirs(root) if d.name == folder or d.name.endswith(f"__{folder}")]
+    if len(candidates) != 1:
+        raise BadInputData(f"The download of {label} holds {len(candidates)} nnU-Net model folders named like "
+                           f"*{folder}, its registry card needs exactly one.", path=url,
+                           hint="the record's archive is not the release the registry names; report it.")
+    trainer_dir = candidates[0]
+    checkpoint = nnunet.get("checkpoint", "checkpoint_final.pth")
+    archive_members = {m["fold"]: m["sha256"] for m in member_checksums(trainer_dir, checkpoint)}
+    archive_files = pin_model_files(trainer_dir)
+    filled = []
+    if card.get("members") == MEMBERS_FROM_ARCHIVE:
+        card["members"] = [{"fold": k, "sha256": v} for k, v in archive_members.items()]
+        filled.append("members")
+    else:
+        for member in card.get("members") or []:
+            pinned = str(member.get("sha256", "")).lower() if isinstance(member, dict) else ""
+            got = archive_members.get(str(member.get("fold"))) if isinstance(member, dict) else None
+            if pinned and got != pinned:
+                raise BadInputData(f"The download of {label}: fold_{member.get('fold')}/{checkpoint} has SHA-256 "
+                                   f"{got or 'none (missing)'}, the registry card pins {pinned}.", path=url,
+                                   hint="the record's archive is not the release the registry names; report it.")
+    if not card.get("files"):
+        card["files"] = archive_files
+        filled.append("files")
+    elif {k: str(v).lower() for k, v in card["files"].items()} != archive_files:
+        raise BadInputData(f"The download of {label}: plans.json or dataset.json differ from the registry card's "
+                           "SHA-256.", path=url, hint="the record's archive is not the release the registry names; "
+                           "report it.")
+    if filled:
+        card["pinned_at_pull"] = {"fields": filled, "archive_checked_against": checked_against}
+    ModelCard.from_dict(card, source=f"{card_file} (completed from {label})")  # every field checked before caching
+    return card, trainer_dir
 
 
 def pull_spec(spec: str) -> Path | None:

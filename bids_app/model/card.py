@@ -416,6 +416,17 @@ def read_json_file(path: Path, what: str, *, data: bytes | None = None, missing_
                            hint="re-download the model.") from None
 
 
+#: a registry card's ``members`` when the release's checkpoints are not known in advance: the pull
+#: fills in the members and their SHA-256 from the archive it checked (docs/models.md)
+MEMBERS_FROM_ARCHIVE = "from-archive"
+
+
+def member_checksums(trainer_dir: Path, checkpoint: str = "checkpoint_final.pth") -> list[dict[str, str]]:
+    """The card's ``members`` for a model folder: every ``fold_<name>`` with a checkpoint, and its SHA-256."""
+    return [{"fold": d.name[len("fold_"):], "sha256": sha256_file(d / checkpoint)}
+            for d in sorted(Path(trainer_dir).glob("fold_*")) if (d / checkpoint).is_file()]
+
+
 def pin_model_files(trainer_dir: Path) -> dict[str, str]:
     """The card's ``files`` entry for a model folder: SHA-256 of ``plans.json`` and ``dataset.json``."""
     return {name: sha256_file(Path(trainer_dir) / name) for name in MODEL_FILES}
@@ -454,8 +465,7 @@ def infer_card(trainer_dir: Path) -> dict[str, Any]:
                            hint="the model folder is corrupt; re-download it.")
     configuration = trainer_dir.name.split("__")[-1] if "__" in trainer_dir.name else next(iter(configurations))
     checkpoint = "checkpoint_final.pth"
-    members = [{"fold": d.name[len("fold_"):], "sha256": sha256_file(d / checkpoint)}
-               for d in sorted(trainer_dir.glob("fold_*")) if (d / checkpoint).is_file()]
+    members = member_checksums(trainer_dir, checkpoint)
     card = {
         "card_version": CARD_VERSION,
         "id": f"{trainer_dir.parent.name}/{trainer_dir.name}",
