@@ -10,20 +10,17 @@
 #                     (scripts/check-container.sh builds from a local debootstrap base)
 #   TEMPLATE_SOURCE   templateflow (default: fetch MNI152NLin2009cAsym at build time) or local
 #                     (copy docker/templateflow/ from the build context; no network needed)
-#   MODEL_NAME, MODEL_URL, MODEL_SHA256, MODEL_CARD_URL
-#                     add a model at build time, e.g. the published CL model by its Zenodo URL
-#                     and checksum; it is extracted with msxplain's safe extractor into
-#                     /opt/models/$MODEL_NAME and then used with --model $MODEL_NAME
+#   MSXPLAIN_MODELS   registry models baked in at build time, e.g. "flames cl-benchmark" (or
+#                     doi:/zenodo:/https:// specs): pulled, checked and verified by the same code as
+#                     `msxplain --model NAME` at run time (msxplain-tools models pull --install-into),
+#                     into /opt/models/<name>; the image then runs them with --network none
 ARG BASE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 FROM ${BASE}
 
 # must equal the repository's `version` file (a test checks it; check-container.sh passes it)
 ARG VERSION=0.1.0
 ARG TEMPLATE_SOURCE=templateflow
-ARG MODEL_NAME=""
-ARG MODEL_URL=""
-ARG MODEL_SHA256=""
-ARG MODEL_CARD_URL=""
+ARG MSXPLAIN_MODELS=""
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -52,12 +49,14 @@ RUN if [ "$TEMPLATE_SOURCE" = "local" ]; then \
     fi \
     && /opt/venv/bin/msxplain-tools fetch-templates --check
 
-# optional extra model (e.g. the published CL model), checksum-verified, safely extracted
-RUN if [ -n "$MODEL_URL" ]; then \
-        curl -fsSL "$MODEL_URL" -o /tmp/model.zip \
-        && echo "$MODEL_SHA256  /tmp/model.zip" | sha256sum -c - \
-        && /opt/venv/bin/python docker/install_model.py /tmp/model.zip "/opt/models/$MODEL_NAME" "$MODEL_CARD_URL" \
-        && rm /tmp/model.zip; \
+# registry models baked in: the build argument names models; at run time MSXPLAIN_MODELS is the
+# folder they are found in (the ENV below), so the pull runs without the argument in its environment
+# hadolint ignore=SC2086
+RUN if [ -n "$MSXPLAIN_MODELS" ]; then \
+        names="$MSXPLAIN_MODELS" \
+        && env -u MSXPLAIN_MODELS MSXPLAIN_HOME=/tmp/msxplain-bake \
+           /opt/venv/bin/msxplain-tools models pull --install-into /opt/models $names \
+        && rm -rf /tmp/msxplain-bake; \
     fi
 
 # a non-root user; every writable location is under /tmp (run with --read-only --tmpfs /tmp)

@@ -51,6 +51,22 @@ def test_dockerfile_contract():
     assert env["OMP_NUM_THREADS"] == "1"
 
 
+def test_models_are_baked_by_the_runs_own_pull():
+    """``--build-arg MSXPLAIN_MODELS="flames cl-benchmark"`` in both recipes: the names go to
+    ``msxplain-tools models pull --install-into /opt/models`` (tested in test_model_sources.py), with
+    the argument out of the pull's environment (at run time MSXPLAIN_MODELS is the models folder)."""
+    docker = (REPO / "Dockerfile").read_text()
+    assert re.search(r'^ARG MSXPLAIN_MODELS=""$', docker, re.M)
+    assert "env -u MSXPLAIN_MODELS MSXPLAIN_HOME=/tmp/msxplain-bake" in docker
+    assert "msxplain-tools models pull --install-into /opt/models $names" in docker
+    assert "MODEL_URL" not in docker and not (REPO / "docker" / "install_model.py").exists()
+    assert dockerfile_env()["MSXPLAIN_MODELS"] == "/opt/models"
+    singularity = (REPO / "Singularity.def").read_text()
+    sections = dict(re.findall(r"^%(\w+)\n(.*?)(?=^%|\Z)", singularity, re.M | re.S))
+    assert "MSXPLAIN_MODELS=" in sections["arguments"]
+    assert "models pull --install-into /opt/models {{ MSXPLAIN_MODELS }}" in sections["post"]
+
+
 def test_singularity_recipe():
     text = (REPO / "Singularity.def").read_text()
     header = dict(re.findall(r"^(Bootstrap|From):\s*(\S+)", text, re.M))

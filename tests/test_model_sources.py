@@ -448,6 +448,39 @@ def test_a_registry_card_is_completed_from_the_checked_archive(zenodo, export, t
     assert not (cache_dir(tmp_path) / "zenodo-1021").exists()
 
 
+def test_a_model_installed_for_an_image_runs_by_name_offline_without_a_cache(zenodo, export, tmp_path,
+                                                                               monkeypatch, capsys):
+    """What ``--build-arg MSXPLAIN_MODELS=...`` does (Dockerfile, Singularity.def): pull, install into a
+    models folder and verify; then the model resolves by name offline with an empty, read-only model cache,
+    and its provenance still names the DOI and the archive's SHA-256."""
+    from bids_app.model import registry as model_registry
+    from bids_app.model.cache import HOME_ENV
+    from bids_app.model.provenance import model_provenance
+    from bids_app.model.resolve import MODELS_PATH_ENV, resolve_model
+
+    data, _ = export
+    zenodo.add_record("1030", {"Dataset990_MsxplainTiny.zip": data})
+    registry = {"registry_version": 1, "models": {"tiny-baked": {"title": "t", "source": "doi:10.5281/zenodo.1030"}}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    monkeypatch.setattr(model_registry, "REGISTRY_FILE", tmp_path / "registry.json")
+    models_dir = tmp_path / "opt-models"
+    assert tools_main(["models", "pull", "--install-into", str(models_dir), "tiny-baked"]) == 0
+    assert "installed as" in capsys.readouterr().out
+    assert tools_main(["models", "pull", "--install-into", str(models_dir), "tiny-baked"]) != 0  # exists: refused
+
+    empty_home = tmp_path / "empty-home"
+    empty_home.mkdir()
+    empty_home.chmod(0o555)
+    monkeypatch.setenv(HOME_ENV, str(empty_home))
+    monkeypatch.setenv(MODELS_PATH_ENV, str(models_dir))
+    monkeypatch.setenv("MSXPLAIN_OFFLINE", "1")
+    model = resolve_model("tiny-baked")
+    assert model.trainer_dir.is_relative_to(models_dir / "tiny-baked")
+    source = model_provenance(model, ["0"])["Source"]
+    assert source["DOI"] == "10.5281/zenodo.1030" and source["ArchiveSHA256"] == hashlib.sha256(data).hexdigest()
+    assert list(empty_home.iterdir()) == []
+
+
 def test_the_published_models_cards_are_valid_once_completed(tiny_model, tmp_path):
     """The shipped cards of flames and cl-benchmark parse once a pull has completed them; the
     FLAMeS card's published checkpoint digests refuse any other archive (here the tiny model)."""

@@ -342,6 +342,38 @@ def registry_card_for(card_file: Path, root: Path, *, label: str, url: str,
     return card, trainer_dir
 
 
+def install_entry(entry: Path, models_dir: Path, name: str) -> Path:
+    """Copy the cache entry ``entry`` (``<cache>/<key>``) to ``models_dir/name``, where ``--model name``
+    finds it through ``$MSXPLAIN_MODELS`` without the cache, the network or a write (a container
+    image's models, baked in at build time). The source record travels with the model, so its
+    sidecars still name the DOI or URL and the archive's SHA-256.
+
+    Returns
+    -------
+    Path
+        ``models_dir/name``, which appears complete or not at all (copied beside, then renamed).
+
+    Raises
+    ------
+    CannotCreateOutput
+        ``models_dir/name`` exists already, or ``models_dir`` is not writable.
+    """
+    target = Path(models_dir) / name
+    if target.exists():
+        raise CannotCreateOutput(f"Cannot install {name}: {target} exists.", path=str(target),
+                                 hint="remove it, or install under another name.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".install-{name}-", dir=target.parent))
+        shutil.copytree(entry, tmp / "entry")
+        (tmp / "entry").rename(target)
+        tmp.rmdir()
+    except OSError as exc:
+        raise CannotCreateOutput(f"Cannot install {name} into {models_dir} ({exc.strerror or exc}).",
+                                 path=str(models_dir), hint="choose a writable folder.") from None
+    return target
+
+
 def pull_spec(spec: str) -> Path | None:
     """The unpacked model folder for a registry name with a remote source or a
     ``doi:``/``zenodo:``/URL spec (pulled when not cached); None for anything else."""

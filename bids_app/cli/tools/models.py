@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 NAME = "models"
 HELP = "pull, list, describe and verify models (registry names, Zenodo DOIs, URLs)"
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pull = sub.add_parser("pull", parents=[common], help="fetch models into the model cache ($MSXPLAIN_HOME/models)")
     pull.add_argument("specs", nargs="+", metavar="SPEC",
                       help="registry name, doi:10.5281/zenodo.<id>, zenodo:<id>[/<file>] or https:// URL")
+    pull.add_argument("--install-into", metavar="DIR", default=None,
+                      help="also copy each pulled model to DIR/<name> (a registry name, else the cache key) and "
+                      "verify it there: with MSXPLAIN_MODELS=DIR, --model <name> then needs no cache, no network "
+                      "and no write (container images bake models in this way)")
     sub.add_parser("list", parents=[common], help="the registry's models, installed models and the cache's entries")
     info = sub.add_parser("info", parents=[common],
                           help="what is known about a model (registry entry, cached source record, Zenodo files)")
@@ -62,11 +67,44 @@ def _pull(args) -> int:
     for spec in args.specs:
         model = resolve_model(spec)
         record = source_of(model.trainer_dir) or {}
-        if remote_source(spec) is None:
+        source = remote_source(spec)
+        if source is None:
             print(f"{spec}: {model.trainer_dir} (local or bundled: nothing to fetch)")
-        else:
-            print(f"{spec}: {model.trainer_dir} (SHA-256 of the archive {record.get('sha256')})")
+            continue
+        print(f"{spec}: {model.trainer_dir} (SHA-256 of the archive {record.get('sha256')})")
+        if args.install_into:
+            _install(spec, source, Path(args.install_into))
     return 0
+
+
+def _install(spec: str, source, models_dir: Path) -> None:
+    """Copy the pulled entry of ``spec`` to ``models_dir/<name>`` and verify it as a run would,
+    found by name through ``$MSXPLAIN_MODELS`` with the network and the cache out of reach."""
+    from bids_app.errors import UsageError
+    from bids_app.model.cache import cached_entry, install_entry
+    from bids_app.model.resolve import MODELS_PATH_ENV, check_consistency, resolve_model, select_members, verify_members
+
+    name = source.registry_name or source.cache_key
+    target = install_entry(cached_entry(source), models_dir, name)
+    saved = {key: os.environ.get(key) for key in (MODELS_PATH_ENV, "MSXPLAIN_OFFLINE")}
+    os.environ[MODELS_PATH_ENV] = str(models_dir.resolve())
+    os.environ["MSXPLAIN_OFFLINE"] = "1"
+    try:
+        model = resolve_model(name)
+        if not model.trainer_dir.is_relative_to(target.resolve()):
+            raise UsageError(f"--model {name} resolves to {model.trainer_dir}, not to the installed copy {target}.",
+                             hint=f"a bundled model has the name {name}; install under another name.")
+        check_consistency(model)
+        members = select_members(model, None)
+        verify_members(model, members)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    print(f"{spec}: installed as {target} (members {', '.join(members)} verified); use --model {name} with "
+          f"{MODELS_PATH_ENV}={models_dir}")
 
 
 def _list(args) -> int:
