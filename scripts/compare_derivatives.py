@@ -9,7 +9,9 @@ code rather than the data:
 * run logs, crash files and the run's config dump (``logs/``, ``sub-*/log/``): times and UUIDs;
 * in JSON sidecars, the keys listed in :data:`RUN_SPECIFIC_KEYS` (times, durations, run ids,
   software versions, Python module names) and absolute paths of the two output folders;
-* in HTML reports, times, durations and run ids (everything else must match).
+* in HTML reports, times, durations and run ids (everything else must match);
+* saliency stores (``.npz``): every array must be equal (NaN equal to NaN); the ``meta`` JSON is
+  scrubbed like a sidecar (its ``timings_s``).
 
 NIfTI files are compared after decompression (gzip headers carry no time here, but the
 comparison should not depend on it). Exit 0 when they match, 1 with a list of differences.
@@ -30,6 +32,7 @@ RUN_SPECIFIC_KEYS = frozenset({
     "elapsed_s", "ElapsedSeconds", "duration_s", "runtime_s", "seconds", "wall_s", "Seconds",
     "CodeURL", "Version", "version", "versions", "SoftwareVersions", "python", "platform", "hostname",
     "module", "modules", "interface", "Interface", "node", "argv", "command", "CommandLine", "work_dir",
+    "seconds_total", "timings_s",
 })
 TIME_PATTERNS = [
     re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([+-]\d{2}:?\d{2}|Z)?"),
@@ -58,7 +61,25 @@ def _scrub_json(value, roots):
     return value
 
 
+def _npz_payload(path: Path, roots: tuple[str, str]) -> dict:
+    import numpy as np
+
+    out = {}
+    with np.load(path, allow_pickle=False) as store:
+        for key in sorted(store.files):
+            value = store[key]
+            if key == "meta" and value.dtype.kind in "US":
+                out[key] = _scrub_json(json.loads(str(value)), roots)
+            else:
+                # bytes of the array, with every NaN written the same way (NaN != NaN otherwise)
+                array = np.where(np.isnan(value), np.nan, value) if value.dtype.kind == "f" else value
+                out[key] = (array.dtype.str, array.shape, array.tobytes())
+    return out
+
+
 def _payload(path: Path, roots: tuple[str, str]):
+    if path.suffix == ".npz":
+        return _npz_payload(path, roots)
     data = path.read_bytes()
     if path.name.endswith(".gz"):
         return gzip.decompress(data)
