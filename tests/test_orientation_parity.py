@@ -309,7 +309,8 @@ def test_sidecar_parameters_record_the_orientation(tmp_path):
 
     settings = PipelineSettings(
         bids_dir=tmp_path, output_dir=tmp_path, trainer_dir=tmp_path, card_file=tmp_path / "card.json",
-        label_indices=(1,), label_names=("WML",), reference_channel=0, skull_stripped_input=True, members=("0",),
+        label_indices=(1,), label_names=("WML",), label_entities=("WML",), reference_channel=0,
+        skull_stripped_input=True, members=("0",),
         device="cpu", tta=False, threshold=0.5, min_lesion_size=3, connectivity=18,
         save_member_probabilities=False, omp_nthreads=1,
         network_orientation=("native", "plans.json image_reader_writer SimpleITKIO"))

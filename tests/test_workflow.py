@@ -167,7 +167,8 @@ def test_graph_marks_prediction_as_gpu_node(tiny_model, tmp_path):
         SelectedFile("FLAIR", str(bids / "sub-01/anat/sub-01_FLAIR.nii.gz"), "test")))
     settings = PipelineSettings(bids_dir=bids, output_dir=tmp_path / "out", trainer_dir=tiny_model,
                                 card_file=tiny_model / "msxplain_model.json", label_indices=(1, 2),
-                                label_names=("WML", "CL"), reference_channel=0, skull_stripped_input=True,
+                                label_names=("WML", "CL"), label_entities=("WML", "CL"), reference_channel=0,
+                                skull_stripped_input=True,
                                 members=("0",),
                                 device="cuda", tta=False, threshold=0.5, min_lesion_size=3, connectivity=18,
                                 save_member_probabilities=False, omp_nthreads=1)

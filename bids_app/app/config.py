@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bids_app.core.metrics.detection import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD
+from bids_app.core.uncertainty.matching import DEFAULT_ENSEMBLE_MEAN
 from bids_app.core.uncertainty.session import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS
 from bids_app.errors import CannotCreateOutput, MissingInput, UsageError
 
@@ -61,6 +62,8 @@ class PostprocessConfig:
     threshold: float | None = None
     min_lesion_size: int | None = None
     connectivity: int | None = None
+    #: how the members are averaged into the probability map that is thresholded (core.uncertainty.ensemble_mean)
+    ensemble_mean: str = DEFAULT_ENSEMBLE_MEAN
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ class Config:
             input_orientation=str(ns.input_orientation),
         )
         post = PostprocessConfig(threshold=ns.threshold, min_lesion_size=ns.min_lesion_size,
-                                 connectivity=ns.connectivity)
+                                 connectivity=ns.connectivity, ensemble_mean=ns.ensemble_mean)
         resources = ResourceConfig(nprocs=int(nprocs), omp_nthreads=int(omp), mem_gb=ns.mem_gb,
                                    plugin=ns.plugin, plugin_args=dict(ns.plugin_args or {}))
         outputs = OutputConfig(

@@ -158,8 +158,14 @@ def _plugin_args(value: str) -> dict:
 def build_parser() -> UsageArgumentParser:
     """The ``msxplain`` argument parser."""
     from bids_app import __version__
-    from bids_app.app.config import ModelConfig, OutputConfig, ResourceConfig  # the defaults, written once there
+    from bids_app.app.config import (  # the defaults, written once there
+        ModelConfig,
+        OutputConfig,
+        PostprocessConfig,
+        ResourceConfig,
+    )
     from bids_app.core.metrics.detection import DETECTION_METHODS
+    from bids_app.core.uncertainty.matching import ENSEMBLE_MEANS
     from bids_app.core.uncertainty.voxel import VOXEL_MEASURES
 
     parser = UsageArgumentParser(
@@ -234,6 +240,12 @@ def build_parser() -> UsageArgumentParser:
                        help="smallest lesion kept, in voxels (default: the model card's)")
     model.add_argument("--connectivity", type=int, choices=(6, 18, 26),
                        help="voxel connectivity that defines a lesion (default: the model card's)")
+    model.add_argument("--ensemble-mean", dest="ensemble_mean", choices=ENSEMBLE_MEANS,
+                       default=PostprocessConfig.ensemble_mean,
+                       help="how the members make the probability map that is thresholded: the mean of their "
+                       "probabilities (the deep-ensemble convention of the uncertainty measures) or the softmax of "
+                       "their mean logits (what nnUNetv2_predict does); the uncertainty measures always use "
+                       "probabilities")
     model.add_argument("--skull-stripped", dest="skull_stripped", choices=("auto", "yes", "no"),
                        default=ModelConfig.skull_stripped,
                        help="are the inputs skull-stripped? auto: decide from the image (exact zeros outside a "

@@ -32,6 +32,8 @@ class _EvaluateSessionInputSpec(BaseInterfaceInputSpec):
     detection_threshold = traits.Float(DEFAULT_DETECTION_THRESHOLD, usedefault=True,
                                        desc="IoU threshold of a detected lesion")
     connectivity = traits.Enum(6, 18, 26, mandatory=True, desc="lesion connectivity")
+    ensemble_mean = traits.Enum("probabilities", "logits", usedefault=True,
+                                desc="the ensemble probability map calibrated (as PostProcess thresholded it)")
     ndsc_r = traits.Float(DEFAULT_NDSC_R, usedefault=True, desc="reference lesion load of nDSC")
     lesion_measures = traits.List(traits.Str, ["LSU", "mean_MI", "mean_EoE"], usedefault=True,
                                   desc="lesion measures given a lesion retention curve")
@@ -61,7 +63,7 @@ class EvaluateSession(SimpleInterface):
         from bids_app.bids.derivatives import dumps_json
         from bids_app.core.imageio import load_image
         from bids_app.core.metrics.session import evaluate_session
-        from bids_app.core.uncertainty import voxel_uncertainty
+        from bids_app.core.uncertainty import ensemble_mean, voxel_uncertainty
         from bids_app.errors import BadInputData
         from bids_app.formats.lesion_table import read_tsv, write_fragment
 
@@ -98,7 +100,7 @@ class EvaluateSession(SimpleInterface):
             ref[reference(self.inputs.reference_files[0]) > 0] = 1
             class_names = {}
         member_probs = np.load(self.inputs.member_probs_file, mmap_mode="r")
-        mean = np.asarray(member_probs).mean(axis=0)
+        mean = ensemble_mean(member_probs, self.inputs.ensemble_mean)  # the map the segmentation thresholded
         lesion_prob = 1.0 - mean[0]
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
         voxel_maps = voxel_uncertainty(np.asarray(member_probs), measures=("EoE", "MI"))

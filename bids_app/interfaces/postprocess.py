@@ -19,10 +19,14 @@ class _PostProcessInputSpec(BaseInterfaceInputSpec):
     reference_file = File(exists=True, mandatory=True, desc="reference image (grid and affine of the outputs)")
     label_indices = traits.List(traits.Int, mandatory=True, desc="output indices of the lesion classes")
     label_names = traits.List(traits.Str, mandatory=True, desc="names of the lesion classes (e.g. WML, CL)")
+    label_entities = traits.List(traits.Str, mandatory=True,
+                                 desc="their label- values in file names (ModelCard bids_label: BIDS-safe)")
     members = traits.List(traits.Str, mandatory=True, desc="member names, in the order of the probabilities")
     threshold = traits.Float(mandatory=True, desc="lesion probability threshold (p >= threshold)")
     min_lesion_size = traits.Int(mandatory=True, desc="smallest lesion kept, in voxels")
     connectivity = traits.Enum(6, 18, 26, mandatory=True, desc="voxel connectivity of a lesion")
+    ensemble_mean = traits.Enum("probabilities", "logits", usedefault=True,
+                                desc="mean of member probabilities, or softmax of mean logits (nnU-Net's)")
     save_member_probabilities = traits.Bool(False, usedefault=True, desc="also write per-member probabilities")
     sources = traits.List(traits.Str, mandatory=True, desc="raw input files (for provenance)")
 
@@ -33,6 +37,11 @@ class _PostProcessOutputSpec(TraitedSpec):
     lesions_file = File(exists=True, desc="JSON: per-lesion geometry (label order)")
     summary_file = File(exists=True, desc="JSON: lesion counts and volumes per class")
     derivatives = traits.List(traits.Dict, desc="derivative records")
+
+
+#: the probseg sidecars' description of the ensemble mean (core.uncertainty.ensemble_mean)
+AGGREGATION = {"probabilities": "mean of member softmax",
+               "logits": "softmax of the mean member logits (nnU-Net's ensembling)"}
 
 
 class PostProcess(SimpleInterface):
@@ -47,44 +56,48 @@ class PostProcess(SimpleInterface):
         import numpy as np
 
         from bids_app.core.imageio import save_image
-        from bids_app.core.postprocess import lesion_geometry
-        from bids_app.core.uncertainty import ensemble_segmentation
+        from bids_app.core.postprocess import lesion_geometry, segment_lesions
+        from bids_app.core.uncertainty import ensemble_mean
 
         member_probs = np.load(self.inputs.member_probs_file, mmap_mode="r")
         affine = nib.load(self.inputs.reference_file).affine
-        ensemble = np.asarray(member_probs).mean(axis=0)  # (C, X, Y, Z)
+        ensemble = ensemble_mean(member_probs, self.inputs.ensemble_mean)  # (C, X, Y, Z) float64
         indices = list(self.inputs.label_indices)
         names = list(self.inputs.label_names)
         params = {"Threshold": self.inputs.threshold, "ThresholdRule": "p >= threshold",
-                  "MinLesionSizeVoxels": self.inputs.min_lesion_size, "Connectivity": self.inputs.connectivity}
+                  "MinLesionSizeVoxels": self.inputs.min_lesion_size, "Connectivity": self.inputs.connectivity,
+                  "EnsembleMean": self.inputs.ensemble_mean}
         # the one segmentation of the session (float64 mean, as the uncertainty measures define it); the
         # uncertainty node reads it back instead of segmenting again
-        seg = ensemble_segmentation(member_probs, self.inputs.threshold, self.inputs.min_lesion_size,
-                                    self.inputs.connectivity, indices)
+        seg = segment_lesions(ensemble, indices, self.inputs.threshold, min_size=self.inputs.min_lesion_size,
+                              connectivity=self.inputs.connectivity)
         sources = list(self.inputs.sources)
         records = []
-        for c, name in zip(indices, names):
-            prob_file = os.path.abspath(f"prob_{name}.nii.gz")
+        for c, name, entity in zip(indices, names, self.inputs.label_entities):
+            # the file names carry the BIDS-safe value; a name that differs from it is said in the sidecar
+            named = {"LabelName": name} if name != entity else {}
+            prob_file = os.path.abspath(f"prob_{entity}.nii.gz")
             save_image(prob_file, ensemble[c].astype(np.float32), affine)
-            records.append({"key": "probseg", "file": prob_file, "sources": sources, "entities": {"label": name},
-                            "metadata": {"Members": list(self.inputs.members),
-                                         "Aggregation": "mean of member softmax"}})
-            mask_file = os.path.abspath(f"mask_{name}.nii.gz")
+            records.append({"key": "probseg", "file": prob_file, "sources": sources, "entities": {"label": entity},
+                            "metadata": {**named, "Members": list(self.inputs.members),
+                                         "Aggregation": AGGREGATION[self.inputs.ensemble_mean]}})
+            mask_file = os.path.abspath(f"mask_{entity}.nii.gz")
             save_image(mask_file, seg.class_mask(c).astype(np.uint8), affine)
-            records.append({"key": "class_mask", "file": mask_file, "sources": sources, "entities": {"label": name},
-                            "derived_from": [{"key": "probseg", "entities": {"label": name}}],
-                            "metadata": {"Type": "Lesion", "Manual": False, **params}})
+            records.append({"key": "class_mask", "file": mask_file, "sources": sources, "entities": {"label": entity},
+                            "derived_from": [{"key": "probseg", "entities": {"label": entity}}],
+                            "metadata": {**named, "Type": "Lesion", "Manual": False, **params}})
             if self.inputs.save_member_probabilities:
                 for m, member in enumerate(self.inputs.members):
-                    member_file = os.path.abspath(f"member{member}_{name}.nii.gz")
+                    member_file = os.path.abspath(f"member{member}_{entity}.nii.gz")
                     save_image(member_file, np.asarray(member_probs[m, c], dtype=np.float32), affine)
                     records.append({"key": "member_probseg", "file": member_file, "sources": sources,
-                                    "entities": {"label": name, "desc": f"member{member}"},
-                                    "metadata": {"Member": member}})
+                                    "entities": {"label": entity, "desc": f"member{member}"},
+                                    "metadata": {**named, "Member": member}})
         union_file = os.path.abspath("mask_lesion.nii.gz")
         save_image(union_file, (seg.dseg > 0).astype(np.uint8), affine)
         records.append({"key": "lesion_mask", "file": union_file, "sources": sources,
-                        "derived_from": [{"key": "probseg", "entities": {"label": n}} for n in names],
+                        "derived_from": [{"key": "probseg", "entities": {"label": entity}}
+                                         for entity in self.inputs.label_entities],
                         "metadata": {"Type": "Lesion", "Manual": False, "Classes": names, **params}})
         dseg_file = os.path.abspath("dseg.nii.gz")
         save_image(dseg_file, seg.dseg.astype(np.int16), affine)

@@ -77,7 +77,9 @@ class ComputeUncertainty(SimpleInterface):
         stem = os.path.abspath("lesions_uncertainty")
         tsv, dictionary = write_fragment(lesions, dictionary_for(lesions), stem)
 
-        params = {"UncertaintyParameters": result.parameters}
+        # sidecar keys are CamelCase, as the post-processing node writes the same parameters
+        # (Threshold, ThresholdRule, MinLesionSizeVoxels, Connectivity); the summary keeps snake_case
+        params = {"UncertaintyParameters": {_camel(key): value for key, value in result.parameters.items()}}
         records = []
         map_files = {}
         for measure in self.inputs.voxel_maps:
@@ -111,3 +113,8 @@ class ComputeUncertainty(SimpleInterface):
         self._results.update(lesions_file=str(tsv), lesions_dictionary=str(dictionary), summary_file=summary_file,
                              voxel_map_files=map_files, derivatives=records)
         return runtime
+
+
+def _camel(key: str) -> str:
+    """``min_lesion_size_voxels`` -> ``MinLesionSizeVoxels`` (BIDS sidecar style)."""
+    return "".join(part[:1].upper() + part[1:] for part in key.split("_"))

@@ -38,8 +38,12 @@ MODEL_FILES = ("plans.json", "dataset.json")
 #: plans.json / dataset.json / cards are a few kB; refuse to read absurd ones into memory
 MAX_MODEL_JSON_BYTES = 16 * 1024**2
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-#: a label name becomes the ``label-`` entity of the outputs: BIDS labels are alphanumeric
+#: BIDS entity values (``label-<value>``) are letters and digits
 _BIDS_LABEL = re.compile(r"[A-Za-z0-9]+")
+#: ``label-`` values msxplain writes itself (``label-lesion``: the union of all classes); no class takes one
+RESERVED_LABEL_VALUES = frozenset({"lesion"})
+#: a lesion class name is data (sidecars, tables): any printable text of this length
+_MAX_LABEL_NAME = 64
 #: a member name becomes the folder ``fold_<name>``: no separators, no ``..``
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -81,13 +85,46 @@ class Channel:
     required: bool = True
 
 
+def bids_label_value(name: str, index: int) -> str:
+    """The BIDS ``label-`` value of a lesion class (docs/model-card.md, "Label names").
+
+    The name's runs of letters and digits, each run after the first starting with a capital
+    (``"white matter lesion"`` -> ``whiteMatterLesion``, ``"WML_1"`` -> ``WML1``, ``"CL-cortical"``
+    -> ``CLCortical``; an alphanumeric name is its own value); ``class<index>`` when the name has no
+    letter or digit; ``Class`` appended when the value is one msxplain writes itself
+    (:data:`RESERVED_LABEL_VALUES`: ``"lesion"`` -> ``lesionClass``).
+
+    Parameters
+    ----------
+    name : str
+        The class name (model card or ``dataset.json``).
+    index : int
+        The class's output index.
+
+    Returns
+    -------
+    str
+        Letters and digits only.
+    """
+    runs = re.findall(r"[A-Za-z0-9]+", name)
+    value = runs[0] + "".join(run[:1].upper() + run[1:] for run in runs[1:]) if runs else f"class{index}"
+    if value.lower() in RESERVED_LABEL_VALUES:
+        value += "Class"
+    return value
+
+
 @dataclass(frozen=True)
 class LesionLabel:
-    """One lesion class of the model (its index in the network output)."""
+    """One lesion class of the model (its index in the network output).
+
+    ``name`` is data (sidecars, lesion tables, lookup tables); ``bids_label`` is the ``label-``
+    value of its output files (:func:`bids_label_value`, or the card's ``bids_label``).
+    """
 
     index: int
     name: str
     long_name: str = ""
+    bids_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -272,15 +309,31 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
                               'use e.g. {"1": {"name": "WML"}}.')
         if "name" not in value:
             raise _card_error(source, f"labels.{key}.name", "is missing", 'use e.g. {"1": {"name": "WML"}}.')
-        if not isinstance(value["name"], str) or not _BIDS_LABEL.fullmatch(value["name"]):
-            raise _card_error(source, f"labels.{key}.name", f"is {json.dumps(value['name'])[:60]}; expected "
-                              "letters and digits only (it becomes the label- entity of the output files)")
+        label_name = value["name"]
+        if not isinstance(label_name, str) or not label_name.strip() or len(label_name) > _MAX_LABEL_NAME \
+                or not label_name.isprintable():
+            raise _card_error(source, f"labels.{key}.name", f"is {json.dumps(label_name)[:60]}; expected a "
+                              f"printable name of 1 to {_MAX_LABEL_NAME} characters")
         long_name = optional(value, "long_name", f"labels.{key}.long_name", lambda v: isinstance(v, str),
                              "a string", "")
-        labels.append(LesionLabel(index=int(key), name=value["name"], long_name=long_name))
+        bids_label = optional(value, "bids_label", f"labels.{key}.bids_label",
+                              lambda v: isinstance(v, str) and bool(_BIDS_LABEL.fullmatch(v))
+                              and v.lower() not in RESERVED_LABEL_VALUES,
+                              "letters and digits only, and not " + " or ".join(sorted(RESERVED_LABEL_VALUES)),
+                              None)
+        labels.append(LesionLabel(index=int(key), name=label_name, long_name=long_name,
+                                  bids_label=bids_label or bids_label_value(label_name, int(key))))
     labels.sort(key=lambda lab: lab.index)
     if len({lab.name for lab in labels}) != len(labels):
         raise _card_error(source, "labels", "gives two labels the same name", "give every label its own name.")
+    if len({lab.bids_label.lower() for lab in labels}) != len(labels):
+        # two names with the same letters and digits ("WML 1", "WML_1"): the index keeps them apart
+        explicit = {str(k) for k, v in raw_labels.items() if isinstance(v, dict) and v.get("bids_label")}
+        labels = [lab if str(lab.index) in explicit else
+                  LesionLabel(lab.index, lab.name, lab.long_name, f"{lab.bids_label}{lab.index}") for lab in labels]
+        if len({lab.bids_label.lower() for lab in labels}) != len(labels):
+            raise _card_error(source, "labels", "gives two labels the same bids_label",
+                              "give every label its own bids_label.")
 
     # --- members
     member_sha: dict[str, str] = {}

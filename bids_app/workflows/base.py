@@ -28,7 +28,7 @@ from bids_app.bids.discovery import SessionInputs
 from bids_app.core.explain import ExplainConfig
 from bids_app.core.metrics.detection import DEFAULT_DETECTION_THRESHOLD, DEFAULT_METHOD
 from bids_app.core.metrics.overlap import DEFAULT_NDSC_R
-from bids_app.core.uncertainty import DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS
+from bids_app.core.uncertainty import DEFAULT_ENSEMBLE_MEAN, DEFAULT_LESION_MAPS, DEFAULT_VOXEL_MAPS
 from bids_app.interfaces.conform import BrainMask, ConformInputs
 from bids_app.interfaces.derivatives import DerivativesSink, SessionSummary
 from bids_app.interfaces.evaluation import EvaluateSession, LesionTable
@@ -56,6 +56,8 @@ class PipelineSettings:
     card_file: Path | None
     label_indices: tuple[int, ...]
     label_names: tuple[str, ...]
+    #: the ``label-`` values of the classes' files (BIDS-safe; the names stay in sidecars and tables)
+    label_entities: tuple[str, ...]
     reference_channel: int
     #: the model card's ``skull_stripped_input``: the network sees the inputs zeroed outside the brain mask
     skull_stripped_input: bool
@@ -72,6 +74,8 @@ class PipelineSettings:
     template_mask: Path | None = None
     brain_mask_mode: str = "auto"
     member_thresholds: tuple[float, ...] = ()
+    #: the probability map that is thresholded: mean of member probabilities, or softmax of mean logits
+    ensemble_mean: str = DEFAULT_ENSEMBLE_MEAN
     voxel_maps: tuple[str, ...] = DEFAULT_VOXEL_MAPS
     lesion_maps: tuple[str, ...] = DEFAULT_LESION_MAPS
     detection_method: str = DEFAULT_METHOD
@@ -110,6 +114,7 @@ class PipelineSettings:
         return explain | {
             "Threshold": self.threshold,
             "ThresholdRule": "p >= threshold",
+            "EnsembleMean": self.ensemble_mean,
             "MinLesionSizeVoxels": self.min_lesion_size,
             "Connectivity": self.connectivity,
             "Members": list(self.members),
@@ -192,9 +197,10 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
         predict.plugin_args = {"sbatch_args": settings.gpu_sbatch_args, "overwrite": False}
     # 4. threshold, minimum size, connectivity -> masks and lesion instances
     postprocess = pe.Node(PostProcess(label_indices=list(settings.label_indices),
-                                      label_names=list(settings.label_names), members=list(settings.members),
+                                      label_names=list(settings.label_names),
+                                      label_entities=list(settings.label_entities), members=list(settings.members),
                                       threshold=settings.threshold, min_lesion_size=settings.min_lesion_size,
-                                      connectivity=settings.connectivity,
+                                      connectivity=settings.connectivity, ensemble_mean=settings.ensemble_mean,
                                       save_member_probabilities=settings.save_member_probabilities,
                                       sources=sources),
                           name="postprocess", mem_gb=3.0)
@@ -290,7 +296,8 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
             reference_value_map=dict(reference.value_map), label_indices=list(settings.label_indices),
             label_names=list(settings.label_names), method=settings.detection_method,
             detection_threshold=settings.detection_threshold, connectivity=settings.connectivity,
-            ndsc_r=settings.ndsc_r, sources=sources), name="evaluation", mem_gb=3.0)
+            ndsc_r=settings.ndsc_r, ensemble_mean=settings.ensemble_mean, sources=sources),
+            name="evaluation", mem_gb=3.0)
         workflow.connect([
             (postprocess, evaluation, [("instances_file", "instances_file")]),
             (uncertainty, evaluation, [("lesions_file", "lesions_file")]),

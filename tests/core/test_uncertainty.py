@@ -387,3 +387,32 @@ def test_lesion_types_line_up_with_the_lesion_table():
     assert types.pred_type.size == len(res.lesions)
     curve = lesion_retention_curve(types.pred_type, res.lesions["LSU"].to_numpy(), types.counts["FNL"], "LF1")
     assert 0.0 <= curve.auc <= 1.0 and curve.aac == pytest.approx(1 - curve.auc)
+
+
+def test_ensemble_mean_of_logits_is_nnunets_mean_of_logits():
+    """softmax(mean_m log p_m) == softmax(mean_m z_m): the per-voxel logsumexp cancels."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0.0, 4.0, (4, 3, 5, 6, 7))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = (np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)).astype(np.float32)
+    mean_logits = logits.mean(axis=0)
+    expected = np.exp(mean_logits - mean_logits.max(axis=0)) / np.exp(mean_logits - mean_logits.max(axis=0)).sum(0)
+    got = U.ensemble_mean(probs, "logits")
+    assert got.dtype == np.float64 and got.shape == (3, 5, 6, 7)
+    assert np.abs(got - expected).max() < 1e-6
+    assert np.allclose(got.sum(axis=0), 1.0)
+    assert np.array_equal(U.ensemble_mean(probs), probs.mean(axis=0, dtype=np.float64))
+    # the two means differ (a geometric mean weighs a confident member more than an arithmetic one)
+    assert np.abs(got - U.ensemble_mean(probs)).max() > 0.05
+
+
+def test_ensemble_mean_of_logits_survives_zero_probabilities():
+    probs = np.zeros((2, 2, 1, 1, 2), np.float32)
+    probs[:, 0, 0, 0, 0] = 1.0  # both members: background, lesion underflowed to exactly 0
+    probs[0, 1, 0, 0, 1], probs[1, 1, 0, 0, 1] = 1.0, 1.0
+    got = U.ensemble_mean(probs, "logits")
+    assert np.isfinite(got).all() and got[0, 0, 0, 0] == 1.0 and got[1, 0, 0, 1] == 1.0
+    with pytest.raises(ValueError, match="mean must be one of"):
+        U.ensemble_mean(probs, "median")
+    seg = U.ensemble_segmentation(probs, 0.5, 1, 26, mean="logits")
+    assert seg.n_lesions == 1

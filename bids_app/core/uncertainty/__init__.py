@@ -33,7 +33,13 @@ All functions are pure: they never modify their inputs.
 """
 
 from bids_app.core.uncertainty.lesion import EPS_STRUCT, LOGSUM_SKIPPED, STRUCTURAL_MEASURES, lesion_uncertainty
-from bids_app.core.uncertainty.matching import ensemble_segmentation, member_segmentations
+from bids_app.core.uncertainty.matching import (
+    DEFAULT_ENSEMBLE_MEAN,
+    ENSEMBLE_MEANS,
+    ensemble_mean,
+    ensemble_segmentation,
+    member_segmentations,
+)
 from bids_app.core.uncertainty.patient import patient_uncertainty
 from bids_app.core.uncertainty.session import (
     DEFAULT_LESION_MAPS,
@@ -51,6 +57,9 @@ from bids_app.core.uncertainty.voxel import (
 )
 
 __all__ = [
+    "DEFAULT_ENSEMBLE_MEAN",
+    "ENSEMBLE_MEANS",
+    "ensemble_mean",
     "DEFAULT_LESION_MAPS",
     "DEFAULT_VOXEL_MAPS",
     "EPS_STRUCT",

@@ -34,12 +34,59 @@ def _per_member(value, n_members: int, name: str) -> list:
     return values
 
 
+#: how the members' outputs are averaged into the ensemble's probability map (docs/uncertainty.md)
+ENSEMBLE_MEANS = ("probabilities", "logits")
+DEFAULT_ENSEMBLE_MEAN = "probabilities"
+#: a softmax probability that underflowed to 0 is read as the smallest normal float32
+_PROBABILITY_FLOOR = float(np.finfo(np.float32).tiny)
+
+
+def ensemble_mean(member_probs: np.ndarray, mean: str = "probabilities") -> np.ndarray:
+    """The ensemble's probability map ``p̄``.
+
+    ``probabilities``: the mean of the members' softmax probabilities, the deep-ensemble
+    convention on which the uncertainty measures are defined (Lakshminarayanan et al., NeurIPS
+    2017; arXiv:2311.08931). ``logits``: the softmax of the members' mean logits, what nnU-Net's
+    ensembling computes (``nnUNetPredictor`` averages the members' logits, then applies the softmax;
+    Isensee et al., Nat. Methods 2021). msxplain keeps probabilities, not logits, but
+    ``log p_m = z_m - logsumexp(z_m)`` differs from the logits by one value per voxel and member, which
+    the softmax removes: ``softmax(mean_m log p_m) = softmax(mean_m z_m)``; and since nnU-Net's
+    resampling to the input grid is linear, averaging after it gives the same map as before it.
+    A probability that underflowed to 0 is floored at the smallest normal float32 (log ≈ -87.3).
+
+    Parameters
+    ----------
+    member_probs : ndarray, shape (M, C, X, Y, Z)
+        Softmax probabilities of each member (classes including background).
+    mean : {"probabilities", "logits"}
+
+    Returns
+    -------
+    ndarray of float64, shape (C, X, Y, Z)
+        Sums to 1 over the classes.
+    """
+    p = check_member_probs(member_probs)
+    if mean == "probabilities":
+        return p.mean(axis=0, dtype=np.float64)  # float64: no float32 rounding across the threshold
+    if mean != "logits":
+        raise ValueError(f"mean must be one of {ENSEMBLE_MEANS}, not {mean!r}")
+    log_mean = np.zeros(p.shape[1:], dtype=np.float64)
+    for member in p:  # one member at a time: (C, X, Y, Z) float64 at most twice
+        log_mean += np.log(np.maximum(np.asarray(member, dtype=np.float64), _PROBABILITY_FLOOR))
+    log_mean /= p.shape[0]
+    log_mean -= log_mean.max(axis=0, keepdims=True)
+    np.exp(log_mean, out=log_mean)
+    log_mean /= log_mean.sum(axis=0, keepdims=True)
+    return log_mean
+
+
 def ensemble_segmentation(
     member_probs: np.ndarray,
     threshold: float | Mapping[int, float],
     min_size: int,
     connectivity: int,
     lesion_labels: Sequence[int] | None = None,
+    mean: str = "probabilities",
 ) -> LesionSegmentation:
     """Segment the ensemble mean probability ``p̄`` with :func:`postprocess.segment_lesions`.
 
@@ -53,6 +100,8 @@ def ensemble_segmentation(
     connectivity : {6, 18, 26}
     lesion_labels : sequence of int, optional
         Lesion classes (default ``1..C-1``).
+    mean : {"probabilities", "logits"}
+        How ``p̄`` is computed (:func:`ensemble_mean`).
 
     Returns
     -------
@@ -60,8 +109,7 @@ def ensemble_segmentation(
     """
     p = check_member_probs(member_probs)
     labels = check_lesion_labels(p, lesion_labels)
-    pbar = p.mean(axis=0, dtype=np.float64)  # float64: no float32 rounding across the threshold
-    return segment_lesions(pbar, labels, threshold, min_size=min_size, connectivity=connectivity)
+    return segment_lesions(ensemble_mean(p, mean), labels, threshold, min_size=min_size, connectivity=connectivity)
 
 
 def member_segmentations(
