@@ -46,7 +46,8 @@ AGGREGATION = {"probabilities": "mean of member softmax",
 
 class PostProcess(SimpleInterface):
     """Ensemble mean -> thresholded class masks and lesion instances
-    (:func:`bids_app.core.uncertainty.ensemble_segmentation`, :func:`~bids_app.core.postprocess.lesion_geometry`)."""
+    (:func:`bids_app.core.uncertainty.ensemble_mean`, :func:`~bids_app.core.postprocess.segment_lesions`,
+    :func:`~bids_app.core.postprocess.lesion_geometry`)."""
 
     input_spec = _PostProcessInputSpec
     output_spec = _PostProcessOutputSpec
@@ -67,8 +68,8 @@ class PostProcess(SimpleInterface):
         params = {"Threshold": self.inputs.threshold, "ThresholdRule": "p >= threshold",
                   "MinLesionSizeVoxels": self.inputs.min_lesion_size, "Connectivity": self.inputs.connectivity,
                   "EnsembleMean": self.inputs.ensemble_mean}
-        # the one segmentation of the session (float64 mean, as the uncertainty measures define it); the
-        # uncertainty node reads it back instead of segmenting again
+        # the one segmentation of the session (of the float64 map written as the probseg); the uncertainty,
+        # feature, explanation and evaluation nodes read it back instead of segmenting again
         seg = segment_lesions(ensemble, indices, self.inputs.threshold, min_size=self.inputs.min_lesion_size,
                               connectivity=self.inputs.connectivity)
         sources = list(self.inputs.sources)
