@@ -53,6 +53,9 @@ class ModelConfig:
     skull_stripped: str = "auto"
     #: voxel order the network sees: auto (the model card's, else its plans.json reader's), native or ras
     input_orientation: str = "auto"
+    #: the members' checkpoint: auto (the model card's nnunet.checkpoint), final or best
+    #: (checkpoint_final.pth / checkpoint_best.pth; the card must pin it: model.resolve.select_checkpoint)
+    checkpoint: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ class Config:
             save_member_probabilities=bool(ns.save_member_probabilities),
             skull_stripped=str(ns.skull_stripped),
             input_orientation=str(ns.input_orientation),
+            checkpoint=str(ns.checkpoint),
         )
         post = PostprocessConfig(threshold=ns.threshold, min_lesion_size=ns.min_lesion_size,
                                  connectivity=ns.connectivity, ensemble_mean=ns.ensemble_mean)

@@ -1,7 +1,8 @@
 """The run's plan: the :class:`~bids_app.app.config.Config` and the model card resolved, once,
 into the :class:`~bids_app.workflows.base.PipelineSettings` the graph is built from.
 
-Every default that the model card can set (threshold, minimum lesion size, connectivity) and
+Every default that the model card can set (threshold, minimum lesion size, connectivity, the
+members' checkpoint: ``--checkpoint``, :func:`bids_app.model.resolve.select_checkpoint`) and
 every default of the explanations (the refiner's training setting, else
 :class:`~bids_app.core.explain.ExplainConfig`'s) is decided here and nowhere else; the nodes
 receive the result (docs/architecture.md).
@@ -30,7 +31,8 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     model : bids_app.model.resolve.ResolvedModel
         The resolved model (card, trainer folder).
     digests : dict
-        SHA-256 of the verified member files (recorded as the model's provenance).
+        SHA-256 of the verified member files (recorded as the model's provenance); verified
+        again here for the checkpoint ``--checkpoint`` chooses when it is not the card's.
     references : dict, optional
         Session name -> :class:`~bids_app.bids.discovery.ReferenceMasks` (evaluation).
 
@@ -39,15 +41,16 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     MsxplainError
         No brain-mask template while ``--skull-stripped no``; no atlas while one was asked for;
         a missing or invalid refiner; ``--refine`` without a refiner; a card whose input
-        orientation cannot be resolved.
+        orientation cannot be resolved; ``--checkpoint`` naming a file the card does not pin.
     """
     from bids_app.core.segment import resolve_device
     from bids_app.model.provenance import model_provenance
     from bids_app.model.resolve import resolve_input_orientation, select_members
     from bids_app.workflows.base import PipelineSettings
 
-    card = model.card
     members = select_members(model, list(config.model.members) if config.model.members else None)
+    model_run, digests = _chosen_checkpoint(config, model, members, digests)
+    card = model_run.card
     device = resolve_device(config.model.device).type
     orientation = resolve_input_orientation(model, config.model.input_orientation)  # exit 65 now, not in a node
     post = config.postprocess
@@ -56,6 +59,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     outputs = config.outputs
     explain = refiner_file = None
     if outputs.explain:
+        _require_3d_network(model)
         refiner_file = _refiner_file(outputs, model)
         explain = explain_config(outputs, read_refiner(refiner_file) if refiner_file else None)
         if device == "cpu":
@@ -67,7 +71,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         output_dir=config.execution.output_dir,
         trainer_dir=model.trainer_dir,
         # None: no card file, the nodes infer the same card from plans.json and dataset.json as the run did
-        card_file=model.card_path,
+        card_file=model_run.card_path,
         label_indices=tuple(card.lesion_indices),
         label_names=tuple(lab.name for lab in card.labels),
         label_entities=tuple(lab.bids_label for lab in card.labels),
@@ -82,7 +86,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         ensemble_mean=post.ensemble_mean,
         save_member_probabilities=config.model.save_member_probabilities,
         omp_nthreads=config.resources.omp_nthreads,
-        model_provenance=model_provenance(model, members, digests),
+        model_provenance=model_provenance(model_run, members, digests),
         template_t1w=template_t1w,
         template_mask=template_mask,
         brain_mask_mode=BRAIN_MASK_MODES[config.model.skull_stripped],
@@ -103,6 +107,39 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         input_orientation=config.model.input_orientation,
         network_orientation=orientation,
     )
+
+
+def _chosen_checkpoint(config, model, members: list[str], digests: dict[str, str]):
+    """The model with the checkpoint ``--checkpoint`` chooses, and its members' verified SHA-256.
+
+    The card's own checkpoint: ``model`` and ``digests`` as they are. Another one: the card
+    changed by :func:`~bids_app.model.resolve.select_checkpoint` (its pins for that file; exit 65
+    when the card pins none), written into the work folder (``model-cards/``) for the workflow's
+    nodes, which resolve the model from ``(trainer_dir, card_file)``, and the chosen files
+    verified against it.
+    """
+    from bids_app.model.resolve import select_checkpoint, verify_members, write_card
+
+    chosen = select_checkpoint(model, config.model.checkpoint, members)
+    if chosen is model:
+        return model, digests
+    name = chosen.card.checkpoint.removesuffix(".pth")
+    chosen = write_card(chosen, config.execution.work_dir / "model-cards" / f"{config.execution.run_uuid}_{name}.json")
+    return chosen, verify_members(chosen, members)
+
+
+def _require_3d_network(model) -> None:
+    """Explanations perturb 3D windows of a 3D network: a 2D configuration (nnU-Net's ``2d``, a 2D
+    patch run slice by slice) is refused before the run starts."""
+    from bids_app.core.plans_allowlist import check_plans
+    from bids_app.model.card import read_json_file
+
+    plans_path = model.trainer_dir / "plans.json"
+    config = check_plans(read_json_file(plans_path, "plans.json"), model.card.configuration, source=str(plans_path))
+    if len(config["patch_size"]) != 3:
+        raise UsageError(f"--explain needs a 3D network, and the model's configuration '{model.card.configuration}' "
+                         f"runs a {len(config['patch_size'])}D network slice by slice.",
+                         hint="drop --explain (and --refine/--refiner), or use a 3d_fullres or 3d_lowres model.")
 
 
 def _brain_mask_template(skull_stripped: str) -> tuple[Path | None, Path | None]:

@@ -230,6 +230,11 @@ def build_parser() -> UsageArgumentParser:
     model.add_argument("--members", "--folds", dest="members", nargs="+", metavar="MEMBER",
                        help="ensemble members to use, by name (nnU-Net's fold_<name> folders; default: all of the "
                        "model card's). --folds is the same option")
+    model.add_argument("--checkpoint", dest="checkpoint", choices=("auto", "final", "best"),
+                       default=ModelConfig.checkpoint,
+                       help="which checkpoint of each member to load: checkpoint_final.pth or checkpoint_best.pth "
+                       "(nnUNetv2_predict's -chk); auto: the model card's nnunet.checkpoint. The card must pin the "
+                       "chosen file's SHA-256 (members[].sha256_best / sha256_final), else the run is refused")
     model.add_argument("--no-tta", dest="tta", action="store_false",
                        help="turn test-time augmentation off. TTA (mirroring over the axes the model allows, up "
                        "to 8 passes per member) is ON by default; --no-tta makes prediction up to 8x faster on a "

@@ -287,9 +287,14 @@ def check_plans(plans: Any, configuration: str, *, n_channels: int | None = None
         raise _bad("plans.json has no 'configurations'.", source, "the model folder is corrupt; re-download it.")
     config = _resolve_inheritance(configurations, configuration, source)
     if config.get("previous_stage") is not None:
-        raise _bad(f"Configuration '{configuration}' is a cascade stage (it needs the segmentation of "
-                   f"'{config['previous_stage']}'); msxplain runs single-stage models only.", source,
-                   "use a 3d_fullres (or other single-stage) model.")
+        previous = config["previous_stage"]
+        plans_name = plans.get("plans_name", "nnUNetPlans")
+        raise _bad(f"Configuration '{configuration}' is the second stage of a cascade: it takes the segmentation "
+                   f"of the first stage '{previous}' (a separately trained model, <trainer>__{plans_name}__"
+                   f"{previous}) as extra input channels, and msxplain does not run that first stage; it runs "
+                   "single-stage models only.", source,
+                   f"use a single-stage model of the same dataset (its 3d_fullres, {previous} or 2d trainer folder) "
+                   "with --model, or a model card whose nnunet.configuration names one.")
     _check_architecture(config, source)
     _need_name(config, "preprocessor_name", PREPROCESSORS, "preprocessor", source)
     for key in RESAMPLING_KEYS:

@@ -46,6 +46,11 @@ RESERVED_LABEL_VALUES = frozenset({"lesion"})
 _MAX_LABEL_NAME = 64
 #: a member name becomes the folder ``fold_<name>``: no separators, no ``..``
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+#: the checkpoints nnUNetv2_train writes that a run may choose (``--checkpoint``), by their option value
+CHECKPOINT_FILES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+#: the member keys that pin one of :data:`CHECKPOINT_FILES` whatever ``nnunet.checkpoint`` says
+#: (``sha256`` pins ``nnunet.checkpoint``)
+CHECKPOINT_PIN_KEYS = {"checkpoint_final.pth": "sha256_final", "checkpoint_best.pth": "sha256_best"}
 
 #: nnU-Net channel names -> BIDS queries (used only when a model has no card)
 _CHANNEL_QUERY_GUESSES: dict[str, list[dict[str, Any]]] = {
@@ -131,8 +136,10 @@ class LesionLabel:
 class ModelCard:
     """The parsed ``msxplain_model.json``.
 
-    ``members`` maps a member (fold) name to the SHA-256 of its checkpoint; the member
-    names are nnU-Net fold folder suffixes (``fold_<name>``). ``files`` maps the model's
+    ``members`` maps a member (fold) name to the SHA-256 of its checkpoint (``checkpoint``); the
+    member names are nnU-Net fold folder suffixes (``fold_<name>``, e.g. ``fold_all``).
+    ``checkpoint_pins`` maps each checkpoint file the card pins (``checkpoint`` and those of
+    ``members[].sha256_final`` / ``sha256_best``) to {member: SHA-256}. ``files`` maps the model's
     other files (``plans.json``, ``dataset.json``) to their SHA-256; it is empty for a card
     written before msxplain pinned them.
     """
@@ -158,6 +165,7 @@ class ModelCard:
     demo: bool = False
     inferred: bool = False
     files: dict[str, str] = field(default_factory=dict)
+    checkpoint_pins: dict[str, dict[str, str]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -337,6 +345,7 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
 
     # --- members
     member_sha: dict[str, str] = {}
+    extra_pins: dict[str, dict[str, tuple[int, str]]] = {name: {} for name in CHECKPOINT_PIN_KEYS}
     for i, m in enumerate(need("members", list)):
         if not isinstance(m, dict) or "fold" not in m:
             raise BadInputData("Each model card member needs a 'fold'.", path=source, hint="see docs/model-card.md.")
@@ -348,6 +357,10 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
             raise _card_error(source, f"members[{i}].fold", f"repeats fold {fold}")
         sha = optional(m, "sha256", f"members[{i}].sha256", lambda v: isinstance(v, str), "a SHA-256 hex string", "")
         member_sha[str(fold)] = sha.lower()
+        for name, key in CHECKPOINT_PIN_KEYS.items():
+            pin = optional(m, key, f"members[{i}].{key}", _is_sha256, "a SHA-256 (64 hexadecimal digits)", None)
+            if pin is not None:
+                extra_pins[name][str(fold)] = (i, pin.lower())
     if not member_sha:
         raise BadInputData("Model card lists no members.", path=source, hint="list the folds under 'members'.")
 
@@ -360,6 +373,15 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
                           "\"checkpoint_final.pth\"", "checkpoint_final.pth")
     for key in ("trainer", "plans"):
         optional(nnunet, key, f"nnunet.{key}", lambda v: isinstance(v, str), "a string", None)
+    checkpoint_pins = {checkpoint: dict(member_sha)}
+    for name, pins in extra_pins.items():
+        for fold, (i, pin) in pins.items():
+            if name == checkpoint and member_sha[fold] and pin != member_sha[fold]:
+                raise _card_error(source, f"members[{i}].{CHECKPOINT_PIN_KEYS[name]}", "differs from its sha256, "
+                                  f"which pins the same file (nnunet.checkpoint is {checkpoint})")
+            checkpoint_pins.setdefault(name, {})[fold] = pin
+            if name == checkpoint:
+                member_sha[fold] = pin
     post = section("postprocessing")
     threshold = optional(post, "threshold", "postprocessing.threshold", lambda v: is_number(v) and 0 < v < 1,
                          "a number between 0 and 1", 0.5)
@@ -421,6 +443,7 @@ def _parse_card(data: dict[str, Any], source: str) -> ModelCard:
         demo=flags["demo"],
         inferred=flags["inferred"],
         files={k: v.lower() for k, v in files.items()},
+        checkpoint_pins=checkpoint_pins,
         raw=dict(data),
     )
 

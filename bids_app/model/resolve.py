@@ -9,7 +9,10 @@ network is built, :func:`bids_app.core.segment.build_network`).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import zipfile
@@ -21,10 +24,13 @@ from bids_app.errors import BadInputData, MissingInput, UsageError
 from bids_app.model.archive import default_cache_dir, extract_model_archive, find_trainer_dirs
 from bids_app.model.card import (
     CARD_NAME,
+    CHECKPOINT_FILES,
+    CHECKPOINT_PIN_KEYS,
     MAX_MODEL_JSON_BYTES,
     MODEL_FILES,
     ModelCard,
     infer_card,
+    member_checksums,
     read_json_file,
     sha256_file,
 )
@@ -191,6 +197,92 @@ def select_members(model: ResolvedModel, requested: list[str] | None) -> list[st
         raise UsageError(f"--members {' '.join(unknown)} not in the model (members: {', '.join(model.card.members)}).",
                          hint="choose among the model card's members.")
     return [str(f) for f in requested]
+
+
+def select_checkpoint(model: ResolvedModel, choice: str = "auto", members: list[str] | None = None
+                      ) -> ResolvedModel:
+    """The model with the members' checkpoint that ``--checkpoint`` chooses, pinned.
+
+    ``auto`` keeps the card's ``nnunet.checkpoint``; ``final`` and ``best`` choose
+    ``checkpoint_final.pth`` and ``checkpoint_best.pth``. The card's SHA-256 for the chosen file
+    (``members[].sha256`` when it is ``nnunet.checkpoint``, else ``sha256_final`` /
+    ``sha256_best``) become the members' pins, so :func:`verify_members` checks the chosen files
+    as it checks the card's own. A card inferred from the folder computes them now, as it does
+    for ``checkpoint_final.pth``. A card that pins the chosen file for no requested member is
+    refused rather than the file being checksummed now: a pin is the author's statement of what
+    was released, and a checksum computed at run time proves nothing about the file
+    (docs/model-card.md, "Configurations and checkpoints").
+
+    Parameters
+    ----------
+    choice : str
+        ``auto``, ``final`` or ``best``.
+    members : list of str or None
+        The members that will run (default: all of the card's); each must be pinned.
+
+    Returns
+    -------
+    ResolvedModel
+        ``model`` itself when the choice is the card's checkpoint; else the same folder with a
+        card whose ``checkpoint`` is the chosen file and whose ``members`` are its pins (members
+        without a pin left out), ``raw`` changed alike (a card file written from it describes
+        the same model).
+
+    Raises
+    ------
+    UsageError
+        ``choice`` is not one of auto, final, best.
+    BadInputData
+        The card pins the chosen file for none or not all of ``members``.
+    """
+    if choice in (None, "auto"):
+        return model
+    if choice not in CHECKPOINT_FILES:
+        raise UsageError(f"--checkpoint {choice} is not a checkpoint msxplain knows.",
+                         hint=f"use auto, {', '.join(CHECKPOINT_FILES)}.")
+    card = model.card
+    name = CHECKPOINT_FILES[choice]
+    if name == card.checkpoint:
+        return model
+    wanted = [str(m) for m in members] if members else list(card.members)
+    if card.inferred:  # checksums computed now, as for the inferred card's own checkpoint
+        computed = {m["fold"]: m["sha256"] for m in member_checksums(model.trainer_dir, name)}
+        pins = {m: computed.get(m, "") for m in card.members}
+    else:
+        pinned = card.checkpoint_pins.get(name, {})
+        unpinned = [m for m in wanted if not pinned.get(m)]
+        if unpinned:
+            raise BadInputData(
+                f"--checkpoint {choice}: the model card pins no SHA-256 for {name} of "
+                f"{', '.join(f'fold_{m}' for m in unpinned)} (it pins {card.checkpoint}); msxplain loads only "
+                "checkpoints whose checksum the model card pins.",
+                path=str(model.card_path or model.trainer_dir),
+                hint=f"add \"{CHECKPOINT_PIN_KEYS[name]}\" to the card's members (sha256sum fold_*/{name}) and "
+                     f"pass it with --model-card, or drop --checkpoint {choice}.")
+        pins = {m: pinned[m] for m in card.members if pinned.get(m)}
+    raw = copy.deepcopy(card.raw)
+    raw["nnunet"] = {**(raw.get("nnunet") or {}), "checkpoint": name}
+    raw["members"] = [{**entry, "sha256": pins[str(entry["fold"])]} for entry in raw.get("members") or []
+                      if isinstance(entry, dict) and str(entry.get("fold")) in pins]
+    chosen = dataclasses.replace(card, checkpoint=name, members=pins, raw=raw,
+                                 checkpoint_pins={**card.checkpoint_pins, name: pins})
+    LOGGER.info("Checkpoint %s of members %s (--checkpoint %s; the card's is %s)", name, ", ".join(wanted), choice,
+                card.checkpoint)
+    return dataclasses.replace(model, card=chosen)
+
+
+def write_card(model: ResolvedModel, path: Path) -> ResolvedModel:
+    """Write the model's card (``card.raw``, e.g. after :func:`select_checkpoint`) to ``path``,
+    so that the workflow's nodes resolve the same model from ``(trainer_dir, card file)``; the
+    model with ``card_path`` set to it. The card's ``refiner`` entry is left out (its file is
+    relative to the original card's folder; the run resolves the refiner from the original).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = {k: v for k, v in model.card.raw.items() if k != "refiner"}
+    path.write_text(json.dumps(raw, indent=1))
+    card = ModelCard.load(path)  # what the nodes will read
+    return dataclasses.replace(model, card=card, card_path=path)
 
 
 def _verified_bytes(model: ResolvedModel, name: str) -> tuple[bytes, str]:
