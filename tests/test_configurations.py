@@ -118,6 +118,26 @@ def test_checkpoint_best_unpinned_by_the_card_is_refused(models, tmp_path):
     assert verify_members(inferred, ["all"])["all"] == inferred.card.members["all"]
 
 
+def test_a_checkpoint_of_a_trainer_not_installed_runs_when_its_weights_fit(models, tmp_path):
+    from bids_app.model.card import sha256_file
+
+    model_dir = tmp_path / models["all"].parent.name / models["all"].name
+    shutil.copytree(models["all"], model_dir)
+    ckpt = model_dir / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["trainer_name"] = "nnUNetTrainer_NotInstalledAnywhere"
+    torch.save(checkpoint, ckpt)
+    card = json.loads((model_dir / CARD_NAME).read_text())
+    card["nnunet"]["trainer"] = "nnUNetTrainer_NotInstalledAnywhere"
+    card["members"][0]["sha256"] = sha256_file(ckpt)
+    (model_dir / CARD_NAME).write_text(json.dumps(card))
+    image, _ = make_case(14, shape=(32, 36, 30))
+    ensemble = load_ensemble(resolve_model(str(model_dir)), ["all"], tta=False, num_threads=2)
+    ours = ensemble.predictor.predict(image, (2.0, 2.0, 2.0))[0]
+    original = load_ensemble(resolve_model(str(models["all"])), ["all"], tta=False, num_threads=2)
+    assert np.array_equal(ours, original.predictor.predict(image, (2.0, 2.0, 2.0))[0])
+
+
 def test_card_pins_of_the_same_file_must_agree(models, tmp_path):
     from bids_app.model.card import ModelCard
 
