@@ -346,7 +346,8 @@ _DELETE = object()
 BAD_FIELDS = [
     # (where to change, new value, the field the message must name)
     ("labels.1.name", _DELETE, "labels.1.name"),
-    ("labels.1.name", "W M L", "labels.1.name"),
+    ("labels.1.name", "W\tM\tL", "labels.1.name"),  # any printable name is data (its label- value is derived)
+    ("labels.1.bids_label", "W M L", "labels.1.bids_label"),
     ("labels.1", 7, "labels.1"),
     ("labels.2.name", "WML", "labels"),
     ("labels.1.long_name", 3, "labels.1.long_name"),

@@ -31,7 +31,13 @@ def run_participant(config, log=None) -> int:
     from bids_app.bids.commit import remove_stale_staging
     from bids_app.bids.derivatives import dataset_authors, write_dataset_files
     from bids_app.bids.discovery import discover, open_layout
-    from bids_app.model.resolve import check_consistency, resolve_model, select_members, verify_members
+    from bids_app.model.resolve import (
+        check_consistency,
+        resolve_model,
+        select_checkpoint,
+        select_members,
+        verify_members,
+    )
     from bids_app.workflows.base import init_msxplain_wf
 
     ex = config.execution
@@ -54,6 +60,8 @@ def run_participant(config, log=None) -> int:
                           cache_dir=ex.work_dir / "models")
     check_consistency(model)
     members = select_members(model, list(config.model.members) if config.model.members else None)
+    # the members' checkpoint --checkpoint chooses (exit 65 when the card does not pin it), verified as the card's own
+    model = select_checkpoint(model, config.model.checkpoint, members)
     digests = verify_members(model, members)
     if model.card.demo:
         LOGGER.warning("Model '%s' is a DEMO model trained on synthetic data (%s); its lesion maps are not "

@@ -29,10 +29,10 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     ----------
     config : bids_app.app.config.Config
     model : bids_app.model.resolve.ResolvedModel
-        The resolved model (card, trainer folder).
+        The resolved model (card, trainer folder), with the members' checkpoint ``--checkpoint``
+        chose (:func:`bids_app.model.resolve.select_checkpoint`).
     digests : dict
-        SHA-256 of the verified member files (recorded as the model's provenance); verified
-        again here for the checkpoint ``--checkpoint`` chooses when it is not the card's.
+        SHA-256 of the verified member files (recorded as the model's provenance).
     references : dict, optional
         Session name -> :class:`~bids_app.bids.discovery.ReferenceMasks` (evaluation).
 
@@ -41,7 +41,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     MsxplainError
         No brain-mask template while ``--skull-stripped no``; no atlas while one was asked for;
         a missing or invalid refiner; ``--refine`` without a refiner; a card whose input
-        orientation cannot be resolved; ``--checkpoint`` naming a file the card does not pin.
+        orientation cannot be resolved.
     """
     from bids_app.core.segment import resolve_device
     from bids_app.model.provenance import model_provenance
@@ -49,8 +49,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     from bids_app.workflows.base import PipelineSettings
 
     members = select_members(model, list(config.model.members) if config.model.members else None)
-    model_run, digests = _chosen_checkpoint(config, model, members, digests)
-    card = model_run.card
+    card = model.card  # with the members' checkpoint --checkpoint chose (app/participant, select_checkpoint)
     device = resolve_device(config.model.device).type
     orientation = resolve_input_orientation(model, config.model.input_orientation)  # exit 65 now, not in a node
     post = config.postprocess
@@ -71,7 +70,8 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         output_dir=config.execution.output_dir,
         trainer_dir=model.trainer_dir,
         # None: no card file, the nodes infer the same card from plans.json and dataset.json as the run did
-        card_file=model_run.card_path,
+        card_file=model.card_path,
+        checkpoint=config.model.checkpoint,
         label_indices=tuple(card.lesion_indices),
         label_names=tuple(lab.name for lab in card.labels),
         label_entities=tuple(lab.bids_label for lab in card.labels),
@@ -86,7 +86,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         ensemble_mean=post.ensemble_mean,
         save_member_probabilities=config.model.save_member_probabilities,
         omp_nthreads=config.resources.omp_nthreads,
-        model_provenance=model_provenance(model_run, members, digests),
+        model_provenance=model_provenance(model, members, digests),
         template_t1w=template_t1w,
         template_mask=template_mask,
         brain_mask_mode=BRAIN_MASK_MODES[config.model.skull_stripped],
@@ -107,25 +107,6 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         input_orientation=config.model.input_orientation,
         network_orientation=orientation,
     )
-
-
-def _chosen_checkpoint(config, model, members: list[str], digests: dict[str, str]):
-    """The model with the checkpoint ``--checkpoint`` chooses, and its members' verified SHA-256.
-
-    The card's own checkpoint: ``model`` and ``digests`` as they are. Another one: the card
-    changed by :func:`~bids_app.model.resolve.select_checkpoint` (its pins for that file; exit 65
-    when the card pins none), written into the work folder (``model-cards/``) for the workflow's
-    nodes, which resolve the model from ``(trainer_dir, card_file)``, and the chosen files
-    verified against it.
-    """
-    from bids_app.model.resolve import select_checkpoint, verify_members, write_card
-
-    chosen = select_checkpoint(model, config.model.checkpoint, members)
-    if chosen is model:
-        return model, digests
-    name = chosen.card.checkpoint.removesuffix(".pth")
-    chosen = write_card(chosen, config.execution.work_dir / "model-cards" / f"{config.execution.run_uuid}_{name}.json")
-    return chosen, verify_members(chosen, members)
 
 
 def _require_3d_network(model) -> None:

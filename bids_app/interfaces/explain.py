@@ -28,6 +28,8 @@ class _ExplainLesionsInputSpec(BaseInterfaceInputSpec):
     lesions_file = File(exists=True, mandatory=True, desc="postprocess JSON: label, class_index, n_voxels")
     model_dir = Directory(exists=True, mandatory=True, desc="nnU-Net trained-model folder")
     card_file = File(desc="model card JSON")
+    checkpoint = traits.Enum("auto", "final", "best", usedefault=True,
+                             desc="the members' checkpoint (auto: the card's; --checkpoint)")
     members = traits.List(traits.Str, mandatory=True, desc="ensemble members (explained as their mean)")
     progress_label = traits.Str("", usedefault=True, desc="who the progress line is about, e.g. 'sub-01 ses-1'")
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True, desc="torch device")
@@ -82,7 +84,8 @@ class ExplainLesions(SimpleInterface):
 
         start = time.perf_counter()
         names = list(self.inputs.channel_names)
-        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file), list(self.inputs.members),
+        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file, self.inputs.checkpoint,
+                                            self.inputs.members), list(self.inputs.members),
                                  device=self.inputs.device, tta=False, num_threads=self.inputs.num_threads)
         model, predictor = ensemble.model, ensemble.predictor
         orientation, _ = resolve_input_orientation(model, self.inputs.input_orientation)

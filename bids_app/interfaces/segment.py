@@ -21,6 +21,8 @@ class _PredictLesionsInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid")
     model_dir = Directory(exists=True, mandatory=True, desc="nnU-Net trained-model folder")
     card_file = File(desc="model card JSON (empty: the card beside the model, or an inferred one)")
+    checkpoint = traits.Enum("auto", "final", "best", usedefault=True,
+                             desc="the members' checkpoint (auto: the card's; --checkpoint)")
     members = traits.List(traits.Str, mandatory=True,
                           desc="ensemble members to run (names of nnU-Net's fold_<name> folders)")
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True, desc="torch device")
@@ -64,7 +66,8 @@ class PredictLesions(SimpleInterface):
 
         start = time.perf_counter()
         members = list(self.inputs.members)
-        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file), members,
+        ensemble = load_ensemble(node_model(self.inputs.model_dir, self.inputs.card_file, self.inputs.checkpoint,
+                                            members), members,
                                  device=self.inputs.device, tta=self.inputs.tta, num_threads=self.inputs.num_threads)
         model, predictor = ensemble.model, ensemble.predictor
         device = predictor.device
@@ -111,16 +114,18 @@ class PredictLesions(SimpleInterface):
         return runtime
 
 
-def node_model(model_dir, card_file):
-    """The model a node was given (``model_dir``, ``card_file`` traits), resolved by the one
-    rule of ``--model`` (:func:`bids_app.model.resolve.resolve_model`: the card given, else the
-    one beside the model, else an inferred one), so that the prediction and explanation nodes
+def node_model(model_dir, card_file, checkpoint="auto", members=None):
+    """The model a node was given (``model_dir``, ``card_file``, ``checkpoint`` traits), resolved by
+    the one rule of ``--model`` (:func:`bids_app.model.resolve.resolve_model`: the card given, else
+    the one beside the model, else an inferred one) and of ``--checkpoint``
+    (:func:`bids_app.model.resolve.select_checkpoint`), so that the prediction and explanation nodes
     load the same model as the run (:func:`bids_app.model.ensemble.load_ensemble`)."""
     from pathlib import Path
 
-    from bids_app.model.resolve import resolve_model
+    from bids_app.model.resolve import resolve_model, select_checkpoint
 
-    return resolve_model(str(model_dir), card_path=Path(card_file) if card_file else None)
+    model = resolve_model(str(model_dir), card_path=Path(card_file) if card_file else None)
+    return select_checkpoint(model, checkpoint or "auto", list(members) if members else None)
 
 
 def network_channels(channels, affine, mask=None, orientation="ras"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import zipfile
@@ -269,20 +268,6 @@ def select_checkpoint(model: ResolvedModel, choice: str = "auto", members: list[
     LOGGER.info("Checkpoint %s of members %s (--checkpoint %s; the card's is %s)", name, ", ".join(wanted), choice,
                 card.checkpoint)
     return dataclasses.replace(model, card=chosen)
-
-
-def write_card(model: ResolvedModel, path: Path) -> ResolvedModel:
-    """Write the model's card (``card.raw``, e.g. after :func:`select_checkpoint`) to ``path``,
-    so that the workflow's nodes resolve the same model from ``(trainer_dir, card file)``; the
-    model with ``card_path`` set to it. The card's ``refiner`` entry is left out (its file is
-    relative to the original card's folder; the run resolves the refiner from the original).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = {k: v for k, v in model.card.raw.items() if k != "refiner"}
-    path.write_text(json.dumps(raw, indent=1))
-    card = ModelCard.load(path)  # what the nodes will read
-    return dataclasses.replace(model, card=card, card_path=path)
 
 
 def _verified_bytes(model: ResolvedModel, name: str) -> tuple[bytes, str]:

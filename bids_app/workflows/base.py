@@ -74,6 +74,8 @@ class PipelineSettings:
     template_mask: Path | None = None
     brain_mask_mode: str = "auto"
     member_thresholds: tuple[float, ...] = ()
+    #: the members' checkpoint (--checkpoint auto|final|best); the nodes choose it as the run did
+    checkpoint: str = "auto"
     #: the probability map that is thresholded: mean of member probabilities, or softmax of mean logits
     ensemble_mean: str = DEFAULT_ENSEMBLE_MEAN
     voxel_maps: tuple[str, ...] = DEFAULT_VOXEL_MAPS
@@ -187,6 +189,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     # 3. per-member probabilities; a GPU node for MultiProc's GPU queue when CUDA is used.
     #    n_procs=1: a GPU node takes n_procs GPU slots in MultiProc; torch uses its own threads.
     predict = pe.Node(PredictLesions(model_dir=str(settings.trainer_dir), card_file=_card_trait(settings),
+                                     checkpoint=settings.checkpoint,
                                      members=list(settings.members), device=settings.device, tta=settings.tta,
                                      num_threads=settings.omp_nthreads, use_gpu=use_gpu,
                                      skull_stripped_input=settings.skull_stripped_input,
@@ -256,7 +259,8 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
     if settings.explain is not None:
         explain = pe.Node(ExplainLesions(
             channel_names=[f.channel for f in session.files], model_dir=str(settings.trainer_dir),
-            card_file=_card_trait(settings), members=list(settings.members), device=settings.device,
+            card_file=_card_trait(settings), checkpoint=settings.checkpoint, members=list(settings.members),
+            device=settings.device,
             num_threads=settings.omp_nthreads, use_gpu=use_gpu, skull_stripped_input=settings.skull_stripped_input,
             input_orientation=settings.input_orientation, sources=sources,
             explain_config=dataclasses.asdict(settings.explain), max_lesions=settings.explain_max_lesions),
