@@ -42,3 +42,19 @@ def test_cuda_probabilities_equal_cpu(tiny_model, tta):
 def test_auto_device_picks_cuda(tiny_model):
     ensemble = load_ensemble(resolve_model(str(tiny_model)), ["0"], device="auto", tta=False)
     assert ensemble.predictor.device.type == "cuda"
+
+
+def test_learned_brain_mask_on_cuda_equals_cpu():
+    """deepbet on the GPU (the BrainMask node's device under --device cuda) gives the CPU's mask,
+    up to a few boundary voxels, on a real head (open_ms_data raw T1W, skull on)."""
+    pytest.importorskip("deepbet")
+    from bids_app.core.brain_extraction import learned_brain_mask
+    from bids_app.core.imageio import load_image
+    from bids_app.testing import need_shared
+
+    image = load_image(need_shared("open_ms_data", "longitudinal", "raw", "patient01", "study2_T1W.nii.gz"))
+    cpu, _ = learned_brain_mask(image.data, image.affine, device="cpu")
+    cuda, info = learned_brain_mask(image.data, image.affine, device="cuda")
+    assert info["device"] == "cuda"
+    dice = 2 * (cpu & cuda).sum() / (cpu.sum() + cuda.sum())
+    assert dice >= 0.999, dice

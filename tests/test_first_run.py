@@ -288,13 +288,14 @@ def test_offline_never_touches_the_network_and_names_the_files(tmp_path, monkeyp
 def test_offline_participant_run_without_templates_fails_before_processing(tiny_model, tmp_path, monkeypatch,
                                                                            capsys):
     """--offline and no cache: a clear message and exit 66 for a run that needs the template
-    (unstripped input: the brain mask comes from it), nothing written to the output folder."""
+    (unstripped input with --skull-strip template: the brain mask comes from it), nothing written
+    to the output folder."""
     bids = make_bids(tmp_path / "bids", subjects=("01",))
     monkeypatch.delenv("TEMPLATEFLOW_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "out"
     code = run_cli([bids, out, "participant", "--model", tiny_model, "-w", tmp_path / "work", "--offline",
-                    "--skull-stripped", "no"])
+                    "--skull-stripped", "no", "--skull-strip", "template"])
     err = capsys.readouterr().err
     assert code == 66, err
     assert "fetch-templates" in err and "res-02_T1w" in err

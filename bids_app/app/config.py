@@ -51,6 +51,9 @@ class ModelConfig:
     tta: bool = True
     save_member_probabilities: bool = False
     skull_stripped: str = "auto"
+    #: how an image with a skull gets its brain mask: auto (learned where installed and measured, else
+    #: template), learned (deepbet), template (MNI mask, affine), none (core.brain_extraction)
+    skull_strip: str = "auto"
     #: voxel order the network sees: auto (the model card's, else its plans.json reader's), native or ras
     input_orientation: str = "auto"
     #: the members' checkpoint: auto (the model card's nnunet.checkpoint), final or best
@@ -187,6 +190,7 @@ class Config:
             tta=bool(ns.tta),
             save_member_probabilities=bool(ns.save_member_probabilities),
             skull_stripped=str(ns.skull_stripped),
+            skull_strip=str(ns.skull_strip),
             input_orientation=str(ns.input_orientation),
             checkpoint=str(ns.checkpoint),
         )

@@ -19,7 +19,6 @@ from bids_app.errors import BadInputData, MissingInput, MsxplainError, UsageErro
 LOGGER = logging.getLogger("bids_app")
 
 #: --skull-stripped (are the inputs skull-stripped?) -> the BrainMask node's mode
-BRAIN_MASK_MODES = {"auto": "auto", "yes": "stripped", "no": "template"}
 
 
 def resolve_settings(config, model, digests: dict[str, str], references: dict | None = None):
@@ -53,7 +52,7 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
     device = resolve_device(config.model.device).type
     orientation = resolve_input_orientation(model, config.model.input_orientation)  # exit 65 now, not in a node
     post = config.postprocess
-    template_t1w, template_mask = _brain_mask_template(config.model.skull_stripped)
+    template_t1w, template_mask = _brain_mask_template(config.model.skull_stripped, config.model.skull_strip)
     feature_templates = _feature_templates(config.outputs) if config.outputs.lesion_features else None
     outputs = config.outputs
     explain = refiner_file = None
@@ -89,7 +88,8 @@ def resolve_settings(config, model, digests: dict[str, str], references: dict | 
         model_provenance=model_provenance(model, members, digests),
         template_t1w=template_t1w,
         template_mask=template_mask,
-        brain_mask_mode=BRAIN_MASK_MODES[config.model.skull_stripped],
+        skull_stripped=config.model.skull_stripped,
+        skull_strip=config.model.skull_strip,
         member_thresholds=tuple(card.member_thresholds[m] for m in members) if card.member_thresholds else (),
         voxel_maps=tuple(outputs.voxel_maps),
         lesion_maps=tuple(outputs.lesion_maps),
@@ -123,17 +123,25 @@ def _require_3d_network(model) -> None:
                          hint="drop --explain (and --refine/--refiner), or use a 3d_fullres or 3d_lowres model.")
 
 
-def _brain_mask_template(skull_stripped: str) -> tuple[Path | None, Path | None]:
+def _brain_mask_template(skull_stripped: str, skull_strip: str) -> tuple[Path | None, Path | None]:
     """The MNI template and its brain mask (None, None when TemplateFlow has none and the run can do
-    without: only ``--skull-stripped no`` needs it for every session)."""
+    without). Fails now, before any session, when every session would need what is missing: the
+    template for ``--skull-stripped no`` with the template mask (asked for, or ``auto`` without the
+    learned tool), the learned tool for ``--skull-strip learned``."""
     from bids_app.bids.templates import brain_mask_template
+    from bids_app.core.brain_extraction import INSTALL_HINT, tool_available
 
+    learned = tool_available()
+    if skull_strip == "learned" and skull_stripped != "yes" and not learned:
+        raise MissingInput("--skull-strip learned needs the learned brain extraction (deepbet), which is not "
+                           "installed.", hint=INSTALL_HINT)
     try:
         return brain_mask_template()
     except MsxplainError as exc:
-        if skull_stripped == "no":  # every session needs the template: say so now
-            raise
-        LOGGER.warning("No brain-mask template: %s (only skull-stripped inputs can be processed).", exc.one_line())
+        if skull_stripped == "no" and (skull_strip == "template" or (skull_strip == "auto" and not learned)):
+            raise  # every session needs the template: say so now
+        LOGGER.warning("No brain-mask template: %s (only skull-stripped inputs, or the learned brain extraction, "
+                       "can make brain masks).", exc.one_line())
     return None, None
 
 

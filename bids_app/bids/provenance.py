@@ -10,7 +10,7 @@ from typing import Any
 RECORDED_PACKAGES = (
     "msxplain", "torch", "nnunetv2", "dynamic_network_architectures", "numpy", "scipy", "nibabel",
     "SimpleITK", "nipype", "pybids", "pandas", "scikit-learn", "connected-components-3d",
-    "pyradiomics-bhklab", "templateflow",
+    "pyradiomics-bhklab", "templateflow", "deepbet",
 )
 
 

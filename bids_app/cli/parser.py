@@ -164,6 +164,7 @@ def build_parser() -> UsageArgumentParser:
         PostprocessConfig,
         ResourceConfig,
     )
+    from bids_app.core.brain_extraction import SKULL_STRIP_METHODS, SKULL_STRIPPED_CHOICES
     from bids_app.core.metrics.detection import DETECTION_METHODS
     from bids_app.core.uncertainty.matching import ENSEMBLE_MEANS
     from bids_app.core.uncertainty.voxel import VOXEL_MEASURES
@@ -251,10 +252,17 @@ def build_parser() -> UsageArgumentParser:
                        "probabilities (the deep-ensemble convention of the uncertainty measures) or the softmax of "
                        "their mean logits (what nnUNetv2_predict does); the uncertainty measures always use "
                        "probabilities")
-    model.add_argument("--skull-stripped", dest="skull_stripped", choices=("auto", "yes", "no"),
+    model.add_argument("--skull-stripped", dest="skull_stripped", choices=SKULL_STRIPPED_CHOICES,
                        default=ModelConfig.skull_stripped,
                        help="are the inputs skull-stripped? auto: decide from the image (exact zeros outside a "
-                       "brain-sized volume); no: build a brain mask by registering the MNI template")
+                       "brain-sized volume); no: they have a skull, --skull-strip makes their brain mask")
+    model.add_argument("--skull-strip", dest="skull_strip", choices=SKULL_STRIP_METHODS,
+                       default=ModelConfig.skull_strip,
+                       help="brain mask of an image with a skull: learned (deepbet, a network; follows the "
+                       "individual cortex), template (the MNI brain mask registered affinely), none (no extraction: "
+                       "the whole image, for models trained on heads); auto: learned on T1w and FLAIR images when "
+                       "deepbet is installed, else template. A model trained on skull-stripped input sees its "
+                       "inputs masked with it")
     model.add_argument("--input-orientation", dest="input_orientation", choices=("auto", "native", "ras"),
                        default=ModelConfig.input_orientation,
                        help="voxel order the network sees: native (the reference image's stored axis order, as "

@@ -46,11 +46,18 @@ TOOL = "deepbet"
 TOOL_VERSION = "1.0.2"
 #: the pip lines that install it without pulling its GUI dependencies (customtkinter); torch,
 #: nibabel, pandas, tqdm and connected-components-3d are msxplain's own dependencies already
-INSTALL_HINT = ("install the learned brain extraction with "
-                "'pip install --no-deps deepbet==1.0.2 fill_voids==2.1.2 fastremap==1.21.0', "
+INSTALL_HINT = ("deepbet is one of msxplain's dependencies: reinstall msxplain, or "
+                "'pip install deepbet==1.0.2 fill_voids==2.1.2 fastremap==1.21.0'; "
                 "or use the template brain mask (--skull-strip template).")
 #: the contrast deepbet was trained on (568 / 7837 T1w images of adults from OpenNeuro)
 TRAINED_CONTRASTS = ("T1w",)
+#: the contrasts on which its masks were measured to hold here (docs/benchmarks.md, "Learned brain
+#: extraction"): T1w, and FLAIR (Dice 0.976 against patient07's true support, adult volumes on raw scans)
+MEASURED_CONTRASTS = ("T1w", "FLAIR")
+#: ``--skull-strip``: how the brain mask of an image with a skull is made
+SKULL_STRIP_METHODS = ("auto", "learned", "template", "none")
+#: ``--skull-stripped``: whether the inputs are already skull-stripped (auto: detected from the image)
+SKULL_STRIPPED_CHOICES = ("auto", "yes", "no")
 CITATION = ("Fisch L, Zumdick S, Barkhau C, et al. deepbet: Fast brain extraction of T1-weighted MRI using "
             "Convolutional Neural Networks. Computers in Biology and Medicine, 2024. arXiv:2308.07003")
 
@@ -197,3 +204,59 @@ def tool_available() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(name) is not None for name in ("deepbet", "fill_voids", "cc3d"))
+
+
+def choose_brain_mask_method(*, stripped_detected: bool, skull_stripped: str = "auto", skull_strip: str = "auto",
+                             contrast: str = "T1w", learned_available: bool = True) -> tuple[str, str]:
+    """Which brain mask a session gets, and why (recorded in its QC and sidecars).
+
+    Parameters
+    ----------
+    stripped_detected : bool
+        :func:`bids_app.core.conform.skull_stripped_support` found the reference image skull-stripped.
+    skull_stripped : {"auto", "yes", "no"}
+        ``--skull-stripped``: ``yes``/``no`` overrule the detection.
+    skull_strip : {"auto", "learned", "template", "none"}
+        ``--skull-strip``: how an image with a skull is stripped. ``auto`` takes the learned
+        extraction where it is installed and the image's contrast is one it was measured on
+        (:data:`MEASURED_CONTRASTS`), the template mask otherwise; ``none`` strips nothing (the
+        mask is the whole field of view, for models trained on heads).
+    contrast : str
+        BIDS suffix of the reference image (``T1w``, ``FLAIR``, ``UNIT1``...).
+    learned_available : bool
+        deepbet imports (:func:`tool_available`).
+
+    Returns
+    -------
+    method : {"support", "learned", "template", "none"}
+        ``support``: the non-zero support of the skull-stripped input.
+    reason : str
+        One sentence for the QC file.
+
+    Raises
+    ------
+    UsageError
+        An unknown option value.
+    """
+    if skull_stripped not in SKULL_STRIPPED_CHOICES:
+        raise UsageError(f"--skull-stripped must be one of {', '.join(SKULL_STRIPPED_CHOICES)}, "
+                         f"not {skull_stripped!r}.")
+    if skull_strip not in SKULL_STRIP_METHODS:
+        raise UsageError(f"--skull-strip must be one of {', '.join(SKULL_STRIP_METHODS)}, not {skull_strip!r}.")
+    if skull_stripped == "yes":
+        return "support", "--skull-stripped yes: the input is skull-stripped, its non-zero support is the brain"
+    if skull_stripped == "auto" and stripped_detected:
+        return "support", "the input is skull-stripped (detected): its non-zero support is the brain"
+    why = "--skull-stripped no" if skull_stripped == "no" else "the input has a skull (detected)"
+    if skull_strip == "none":
+        return "none", f"{why}, --skull-strip none: no brain extraction, the mask is the whole field of view"
+    if skull_strip == "template":
+        return "template", f"{why}, --skull-strip template"
+    if skull_strip == "learned":
+        return "learned", f"{why}, --skull-strip learned"
+    if not learned_available:
+        return "template", f"{why}; the learned brain extraction ({TOOL}) is not installed: template mask"
+    if contrast not in MEASURED_CONTRASTS:
+        return "template", (f"{why}; the learned brain extraction was not measured on {contrast} images "
+                            f"(only {', '.join(MEASURED_CONTRASTS)}): template mask")
+    return "learned", f"{why}, --skull-strip auto: learned brain extraction on the {contrast} image"

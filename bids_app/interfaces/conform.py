@@ -149,11 +149,15 @@ class ConformInputs(SimpleInterface):
 
 class _BrainMaskInputSpec(BaseInterfaceInputSpec):
     reference_file = File(exists=True, mandatory=True, desc="the reference image (its grid is the mask's)")
-    mode = traits.Enum("auto", "stripped", "template", usedefault=True,
-                       desc="auto: detect skull-stripped input; stripped: use the non-zero support; "
-                            "template: register the MNI template")
+    skull_stripped = traits.Enum("auto", "yes", "no", usedefault=True,
+                                 desc="--skull-stripped: auto detects skull-stripped input from the image")
+    skull_strip = traits.Enum("auto", "learned", "template", "none", usedefault=True,
+                              desc="--skull-strip: how an image with a skull gets its brain mask")
     template_t1w = File(exists=True, desc="template head T1w (MNI152NLin2009cAsym)")
     template_mask = File(exists=True, desc="template brain mask")
+    device = traits.Str("cpu", usedefault=True, desc="torch device of the learned brain extraction")
+    num_threads = traits.Int(1, usedefault=True, desc="CPU threads of the learned brain extraction")
+    use_gpu = traits.Bool(False, usedefault=True, desc="GPU node for Nipype's MultiProc GPU queue")
     sources = traits.List(traits.Str, mandatory=True, desc="raw input files (for provenance)")
 
 
@@ -163,9 +167,17 @@ class _BrainMaskOutputSpec(TraitedSpec):
     derivatives = traits.List(traits.Dict, desc="derivative records")
 
 
+#: a brain mask outside this volume (litres) is implausible for a human brain (adults ~1.0-1.8 L)
+PLAUSIBLE_BRAIN_LITRES = (0.6, 2.4)
+
+
 class BrainMask(SimpleInterface):
-    """Brain mask of the reference image (:func:`bids_app.core.conform.skull_stripped_support`,
-    :func:`~bids_app.core.conform.support_mask`, :func:`~bids_app.core.conform.template_brain_mask`)."""
+    """Brain mask of the reference image: the support of skull-stripped input
+    (:func:`bids_app.core.conform.support_mask`), a learned extraction
+    (:func:`bids_app.core.brain_extraction.learned_brain_mask`), the MNI template's mask
+    (:func:`~bids_app.core.conform.template_brain_mask`) or the whole field of view, as
+    :func:`~bids_app.core.brain_extraction.choose_brain_mask_method` decides. In ``auto``, a
+    learned mask of implausible volume falls back to the template's (recorded)."""
 
     input_spec = _BrainMaskInputSpec
     output_spec = _BrainMaskOutputSpec
@@ -173,31 +185,49 @@ class BrainMask(SimpleInterface):
     def _run_interface(self, runtime):
         import numpy as np
 
-        from bids_app.core import conform
+        from bids_app.bids.derivatives import parse_bids_name
+        from bids_app.core import brain_extraction, conform
         from bids_app.core.imageio import load_image, save_image
-        from bids_app.errors import MissingInput
 
         reference = load_image(self.inputs.reference_file)
+        contrast = parse_bids_name(self.inputs.reference_file)[1]
         stripped, reason = conform.skull_stripped_support(reference)
-        mode = self.inputs.mode
-        use_support = mode == "stripped" or (mode == "auto" and stripped)
-        qc = {"skull_stripped_input": bool(stripped), "skull_strip_reason": reason}
-        if use_support:
+        method, why = brain_extraction.choose_brain_mask_method(
+            stripped_detected=stripped, skull_stripped=self.inputs.skull_stripped,
+            skull_strip=self.inputs.skull_strip, contrast=contrast,
+            learned_available=brain_extraction.tool_available())
+        qc = {"skull_stripped_input": bool(stripped), "skull_strip_reason": reason,
+              "skull_strip_option": self.inputs.skull_strip, "method_choice": why}
+        metadata: dict = {"Type": "Brain", "SkullStrip": self.inputs.skull_strip}
+        if method == "learned":
+            mask, info = self._learned(reference, contrast)
+            volume_l = info["brain_volume_litres"]
+            lo, hi = PLAUSIBLE_BRAIN_LITRES
+            if self.inputs.skull_strip == "auto" and not lo <= volume_l <= hi and self._has_template():
+                qc["learned_rejected"] = (f"{info['tool']} gave {volume_l:.3f} L, outside the {lo}-{hi} L of a "
+                                          "brain: template mask instead")
+                method = "template"
+            else:
+                qc["learned"] = {k: v for k, v in info.items() if k != "method"}
+                qc["method"] = info["method"]
+                metadata |= {"SkullStripTool": info["tool"], "SkullStripToolVersion": info["tool_version"],
+                             "SkullStripDevice": info["device"]}
+        if method == "support":
             mask = conform.support_mask(reference)
             qc["method"] = "non-zero support of the skull-stripped input"
-        else:
-            if not (self.inputs.template_t1w and self.inputs.template_mask):
-                raise MissingInput("A brain mask from the template is needed but no template was found.",
-                                   hint="set TEMPLATEFLOW_HOME to a folder holding tpl-MNI152NLin2009cAsym, "
-                                        "or give skull-stripped images.")
-            mask, metric = conform.template_brain_mask(
-                reference, load_image(self.inputs.template_t1w),
-                load_image(self.inputs.template_mask, check_values=False))
+        elif method == "template":
+            mask, metric = self._template(reference)
             qc["method"] = "MNI152NLin2009cAsym brain mask, affine registration (Mattes MI) to the reference image"
             qc["template_registration_mattes_mi"] = metric
+        elif method == "none":
+            mask = np.ones(reference.shape, dtype=bool)
+            qc["method"] = "no brain extraction (--skull-strip none): the whole field of view"
+        qc["method_used"] = method
+        metadata |= {"Method": qc["method"], "SkullStripMethod": method}
         volume_l = float(mask.sum()) * float(np.prod(reference.zooms)) / 1e6
         qc["brain_volume_litres"] = round(volume_l, 4)
-        qc["implausible_brain_volume"] = bool(not 0.6 <= volume_l <= 2.4)
+        lo, hi = PLAUSIBLE_BRAIN_LITRES
+        qc["implausible_brain_volume"] = bool(not lo <= volume_l <= hi)
         mask_file = os.path.abspath("brain_mask.nii.gz")
         save_image(mask_file, mask.astype(np.uint8), reference.affine)
         qc_file = os.path.abspath("brainmask_qc.json")
@@ -206,6 +236,33 @@ class BrainMask(SimpleInterface):
         self._results.update(
             mask_file=mask_file, qc_file=qc_file,
             derivatives=[{"key": "brain_mask", "file": mask_file, "sources": list(self.inputs.sources),
-                          "metadata": {"Type": "Brain", "Method": qc["method"]}}],
+                          "metadata": metadata}],
         )
         return runtime
+
+    def _has_template(self) -> bool:
+        return bool(self.inputs.template_t1w and self.inputs.template_mask)
+
+    def _template(self, reference):
+        from bids_app.core import conform
+        from bids_app.core.imageio import load_image
+        from bids_app.errors import MissingInput
+
+        if not self._has_template():
+            raise MissingInput("A brain mask from the template is needed but no template was found.",
+                               hint="set TEMPLATEFLOW_HOME to a folder holding tpl-MNI152NLin2009cAsym "
+                                    "(msxplain-tools fetch-templates), use --skull-strip learned, "
+                                    "or give skull-stripped images.")
+        return conform.template_brain_mask(reference, load_image(self.inputs.template_t1w),
+                                           load_image(self.inputs.template_mask, check_values=False))
+
+    def _learned(self, reference, contrast: str):
+        import torch
+
+        from bids_app.core.brain_extraction import learned_brain_mask
+
+        torch.set_num_threads(max(1, int(self.inputs.num_threads)))
+        # an explicit --skull-strip learned runs on any contrast (recorded as outside its training);
+        # auto only reaches here for the measured contrasts
+        return learned_brain_mask(reference.data, reference.affine, device=self.inputs.device, contrast=contrast,
+                                  allow_untrained_contrast=True)

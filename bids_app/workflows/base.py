@@ -72,7 +72,9 @@ class PipelineSettings:
     model_provenance: dict[str, Any] = field(default_factory=dict)
     template_t1w: Path | None = None
     template_mask: Path | None = None
-    brain_mask_mode: str = "auto"
+    #: --skull-stripped (auto, yes, no) and --skull-strip (auto, learned, template, none): the brain mask
+    skull_stripped: str = "auto"
+    skull_strip: str = "auto"
     member_thresholds: tuple[float, ...] = ()
     #: the members' checkpoint (--checkpoint auto|final|best); the nodes choose it as the run did
     checkpoint: str = "auto"
@@ -123,6 +125,8 @@ class PipelineSettings:
             "TestTimeAugmentation": self.tta,
             "Device": self.device,
             "SkullStripForNetwork": self.skull_stripped_input,
+            "SkullStrippedInput": self.skull_stripped,
+            "SkullStrip": self.skull_strip,
             **({"NetworkInputOrientation": self.network_orientation[0],
                 "NetworkInputOrientationSource": self.network_orientation[1]} if self.network_orientation else {}),
             "MemberThresholds": list(self.member_thresholds) or None,
@@ -182,7 +186,14 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
                                     reference_index=settings.reference_channel),
                       name="conform", mem_gb=2.0)
     # 2. brain mask (skull-stripped input or template registration)
-    brain_mask = pe.Node(BrainMask(sources=sources, mode=settings.brain_mask_mode), name="brain_mask", mem_gb=2.0)
+    #    a learned extraction may run (decided in the node, from the image): it uses the run's device
+    #    (a GPU node like predict's) or its CPU threads
+    may_learn = settings.skull_stripped != "yes" and settings.skull_strip in ("auto", "learned")
+    brain_mask = pe.Node(BrainMask(sources=sources, skull_stripped=settings.skull_stripped,
+                                   skull_strip=settings.skull_strip, device=settings.device,
+                                   num_threads=settings.omp_nthreads, use_gpu=use_gpu and may_learn),
+                         name="brain_mask", mem_gb=2.0,
+                         n_procs=settings.omp_nthreads if may_learn and not use_gpu else 1)
     if settings.template_t1w and settings.template_mask:
         brain_mask.inputs.template_t1w = str(settings.template_t1w)
         brain_mask.inputs.template_mask = str(settings.template_mask)
