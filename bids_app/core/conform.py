@@ -188,6 +188,7 @@ def _register_rigid(reference: Image, moving: Image, max_iterations: int) -> Rig
         )
     fixed = sitk.Normalize(to_sitk(reference))
     mov = sitk.Normalize(to_sitk(moving))
+    mask = foreground_mask(reference.data)
     initial = sitk.CenteredTransformInitializer(
         fixed, mov, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
     )
@@ -196,8 +197,14 @@ def _register_rigid(reference: Image, moving: Image, max_iterations: int) -> Rig
     initial = sitk.Euler3DTransform(initial)
     initial.SetTranslation((0.0, 0.0, 0.0))
 
-    reg = mattes_registration(initial, sampling_percentage=0.25, max_iterations=max_iterations,
-                              shrink_factors=[4, 2, 1], smoothing_mm=[2.0, 1.0, 0.0])
+    # The metric samples the head (or the brain of stripped input), not the air around it, and
+    # fewer points at the finer levels: ~0.5/0.2/0.05 of the foreground at shrink 4/2/1. The
+    # optimiser stops at steps of 1e-3 mm. Measured on patient07 with a known motion of 4.5 deg
+    # and 5.4 mm (benchmarks/bench_participant.py, docs/benchmarks.md): 27 s -> 4 s on one
+    # thread, mean error 0.60 -> 0.44 mm.
+    reg = mattes_registration(initial, sampling_percentage=RIGID_SAMPLING, max_iterations=max_iterations,
+                              shrink_factors=[4, 2, 1], smoothing_mm=[2.0, 1.0, 0.0], min_step=1e-3,
+                              fixed_mask=None if mask is None else _mask_like(mask, reference))
     before = reg.MetricEvaluate(fixed, mov)
     final = reg.Execute(fixed, mov)
     euler = sitk.Euler3DTransform(final.GetNthTransform(0) if hasattr(final, "GetNthTransform") else final)
@@ -215,6 +222,39 @@ def _register_rigid(reference: Image, moving: Image, max_iterations: int) -> Rig
         metric_after=float(after),
         identity=False,
     )
+
+
+#: metric sampling per pyramid level (shrink 4, 2, 1) of the rigid co-registration, within the foreground
+RIGID_SAMPLING = (0.5, 0.2, 0.05)
+
+
+def foreground_mask(data: np.ndarray, fraction: float = 0.02, dilate: int = 2) -> np.ndarray | None:
+    """Voxels of an image that hold the head (or the brain of skull-stripped input), for the
+    registration metric: intensity above ``fraction`` of the 99th percentile, dilated by
+    ``dilate`` voxels. None when that is nearly all of the image (no gain) or almost nothing.
+
+    Parameters
+    ----------
+    data : ndarray, shape (X, Y, Z)
+        Intensities in any unit; NaN counts as background.
+
+    Returns
+    -------
+    ndarray of bool, shape (X, Y, Z), or None
+    """
+    from scipy import ndimage
+
+    values = np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0)
+    top = float(np.percentile(values, 99))
+    if top <= 0:
+        return None
+    mask = ndimage.binary_dilation(values > fraction * top, iterations=dilate)
+    share = float(mask.mean())
+    return mask if 0.01 <= share <= 0.9 else None
+
+
+def _mask_like(mask: np.ndarray, reference: Image):
+    return to_sitk(Image(mask.astype(np.uint8), reference.affine), dtype=np.uint8)
 
 
 def identity_transform(reference: Image) -> RigidTransform:

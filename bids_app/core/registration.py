@@ -112,8 +112,9 @@ class single_threaded_itk:
         return False
 
 
-def mattes_registration(initial, *, sampling_percentage: float, max_iterations: int, shrink_factors: Sequence[int],
-                        smoothing_mm: Sequence[float]):
+def mattes_registration(initial, *, sampling_percentage: float | Sequence[float], max_iterations: int,
+                        shrink_factors: Sequence[int], smoothing_mm: Sequence[float], min_step: float = 1e-4,
+                        fixed_mask=None):
     """A SimpleITK registration method: Mattes MI, regular-step gradient descent, a pyramid.
 
     Mattes mutual information with 32 bins, regular sampling of ``sampling_percentage`` of the
@@ -125,14 +126,19 @@ def mattes_registration(initial, *, sampling_percentage: float, max_iterations: 
     ----------
     initial : SimpleITK.Transform
         Start of the optimisation (fixed -> moving points).
-    sampling_percentage : float
-        Fraction of the fixed image's voxels sampled for the metric.
+    sampling_percentage : float or sequence of float
+        Fraction of the fixed image's voxels (inside ``fixed_mask``) sampled for the metric; one
+        per pyramid level, or one for all.
     max_iterations : int
         Per pyramid level.
     shrink_factors : sequence of int
         Pyramid levels, relative to the fixed grid.
     smoothing_mm : sequence of float
         Gaussian sigma (mm) per level, same length as ``shrink_factors``.
+    min_step : float
+        The optimiser stops when its step (mm, with physical-shift scales) falls below this.
+    fixed_mask : SimpleITK.Image or None
+        Only fixed-image points inside this mask (same physical space) enter the metric.
 
     Returns
     -------
@@ -145,9 +151,14 @@ def mattes_registration(initial, *, sampling_percentage: float, max_iterations: 
     reg.SetNumberOfThreads(1)  # identical results run after run
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
-    reg.SetMetricSamplingPercentage(sampling_percentage, REGISTRATION_SEED)
+    if isinstance(sampling_percentage, (int, float)):
+        reg.SetMetricSamplingPercentage(float(sampling_percentage), REGISTRATION_SEED)
+    else:
+        reg.SetMetricSamplingPercentagePerLevel([float(v) for v in sampling_percentage], REGISTRATION_SEED)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=max_iterations,
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=min_step, numberOfIterations=max_iterations,
                                                  gradientMagnitudeTolerance=1e-6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(shrink_factors)
@@ -331,8 +342,9 @@ def register_to_template(
         Pyramid levels (same length).
     max_iterations : int
         Per pyramid level and stage.
-    sampling_percentage : float
-        Fraction of the fixed image's voxels sampled for the metric.
+    sampling_percentage : float or sequence of float
+        Fraction of the fixed image's voxels (inside ``fixed_mask``) sampled for the metric; one
+        per pyramid level, or one for all.
     template : str
         Recorded in the result.
 
