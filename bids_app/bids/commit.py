@@ -41,11 +41,33 @@ SUFFIX_DTYPES = {"mask": np.uint8, "dseg": np.int16, "probseg": np.float32}
 STAGING_PREFIX = ".msxplain-staging-"
 
 
+def _already_conformant(img, src: Path, dst: Path, dtype) -> bool:
+    """Whether the file at ``src`` is byte for byte what :func:`_coerce_nifti` would write (up to
+    gzip's own header): same compression, the wanted dtype without scaling, qform = sform with
+    code 1, mm/s units, no extensions. Files written by ``core.imageio.save_image`` are; copying
+    them saves a decompress and a recompress per image (issue 17: 2.7 s of 2.8 s of a session's
+    commit)."""
+    header = img.header
+    same_compression = src.name.endswith(".nii.gz") == dst.name.endswith(".nii.gz")
+    # nibabel moves the scaling of a loaded file into its array proxy (the header then says none)
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    return (same_compression and src.name.endswith((".nii", ".nii.gz"))
+            and (dtype is None or header.get_data_dtype() == np.dtype(dtype))
+            and int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
+            and np.array_equal(header.get_qform(), header.get_sform())
+            and header.get_xyzt_units() == ("mm", "sec")
+            and float(slope) == 1.0 and float(inter) == 0.0
+            and len(header.extensions) == 0)
+
+
 def _coerce_nifti(src: Path, dst: Path, suffix: str, dtype_name: str | None) -> None:
     import nibabel as nib
 
     img = nib.load(str(src))
     dtype = SUFFIX_DTYPES.get(suffix) or (np.dtype(dtype_name) if dtype_name else None)
+    if _already_conformant(img, src, dst, dtype):
+        shutil.copyfile(src, dst)
+        return
     data = np.asanyarray(img.dataobj)
     if dtype is not None and data.dtype != dtype:
         if np.issubdtype(dtype, np.integer):

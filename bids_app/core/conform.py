@@ -371,7 +371,7 @@ def _template_brain_mask(reference: Image, template_t1w: Image, template_mask: I
 
     init, fixed, moving = moments_start(reference, template_t1w, sitk.AffineTransform(3))
     reg = mattes_registration(init, sampling_percentage=0.2, max_iterations=200, shrink_factors=[4, 2, 1],
-                              smoothing_mm=[2.0, 1.0, 0.0])
+                              smoothing_mm=[2.0, 1.0, 0.0], min_step=1e-3)
     transform = reg.Execute(fixed, moving)
     reg.SetInitialTransform(transform, inPlace=False)
     metric = float(reg.MetricEvaluate(fixed, moving))
