@@ -56,17 +56,20 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarr
         raise ValueError(f"expected a 3D mask, got shape {mask.shape}")
     raw = cc3d.connected_components(mask, connectivity=connectivity, out_dtype=np.uint32)
     n = int(raw.max()) if raw.size else 0
+    labels = np.zeros(mask.shape, dtype=np.int32)
     if n == 0:
-        return np.zeros(mask.shape, dtype=np.int32), 0
-    # cc3d scans in its own order; renumber by first occurrence in C order.
-    flat = raw.ravel(order="C")
-    first_index = np.full(n + 1, flat.size, dtype=np.int64)
-    nonzero = np.flatnonzero(flat)
-    np.minimum.at(first_index, flat[nonzero].astype(np.int64), nonzero)
-    order = np.argsort(first_index[1:], kind="stable") + 1  # old labels in new order
+        return labels, 0
+    # cc3d scans in its own order; renumber by first occurrence in C order. Only the foreground
+    # is touched (lesions are a small part of a brain volume): the C-order flat indices of the
+    # foreground come sorted, so the first index of each label is where np.unique finds it.
+    nonzero = np.flatnonzero(mask)
+    old = raw.ravel()[nonzero]
+    _, first = np.unique(old, return_index=True)  # labels 1..n in label order
+    order = np.argsort(first, kind="stable") + 1  # old labels in new order
     remap = np.zeros(n + 1, dtype=np.int32)
     remap[order] = np.arange(1, n + 1, dtype=np.int32)
-    return remap[raw], n
+    labels.ravel()[nonzero] = remap[old]
+    return labels, n
 
 
 def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int = 26) -> np.ndarray:
@@ -87,13 +90,18 @@ def remove_small_components(mask: np.ndarray, min_size: int, connectivity: int =
     mask = np.asarray(mask, dtype=bool)
     if min_size <= 1:
         return mask.copy()
-    labels, n = label_components(mask, connectivity)
-    if n == 0:
-        return mask.copy()
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= int(min_size)
-    keep[0] = False
-    return keep[labels]
+    import cc3d
+
+    connectivity = check_connectivity(connectivity)
+    if mask.ndim != 3:
+        raise ValueError(f"expected a 3D mask, got shape {mask.shape}")
+    # sizes do not depend on the labels' order: cc3d's own labels, foreground voxels only
+    nonzero = np.flatnonzero(mask)
+    raw = cc3d.connected_components(mask, connectivity=connectivity, out_dtype=np.uint32).ravel()[nonzero]
+    keep = np.bincount(raw) >= int(min_size)
+    out = np.zeros(mask.shape, dtype=bool)
+    out.ravel()[nonzero[keep[raw]]] = True
+    return out
 
 
 def binarize(prob: np.ndarray, threshold: float, min_size: int = 1, connectivity: int = 26) -> np.ndarray:

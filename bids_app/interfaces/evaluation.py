@@ -10,6 +10,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -37,6 +38,9 @@ class _EvaluateSessionInputSpec(BaseInterfaceInputSpec):
     ndsc_r = traits.Float(DEFAULT_NDSC_R, usedefault=True, desc="reference lesion load of nDSC")
     lesion_measures = traits.List(traits.Str, ["LSU", "mean_MI", "mean_EoE"], usedefault=True,
                                   desc="lesion measures given a lesion retention curve")
+    voxel_map_files = traits.Dict(traits.Str, File(exists=True),
+                                  desc="the uncertainty node's voxel maps (measure -> NIfTI); EoE and MI are "
+                                       "read from here when present instead of being computed again")
     sources = traits.List(traits.Str, mandatory=True, desc="raw inputs (provenance)")
 
 
@@ -103,7 +107,11 @@ class EvaluateSession(SimpleInterface):
         mean = ensemble_mean(member_probs, self.inputs.ensemble_mean)  # the map the segmentation thresholded
         lesion_prob = 1.0 - mean[0]
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        voxel_maps = voxel_uncertainty(np.asarray(member_probs), measures=("EoE", "MI"))
+        given = self.inputs.voxel_map_files if isdefined(self.inputs.voxel_map_files) else {}
+        if all(m in given for m in ("EoE", "MI")):  # the same float32 maps the uncertainty node computed
+            voxel_maps = {m: np.asarray(nib.load(given[m]).dataobj, dtype=np.float32) for m in ("EoE", "MI")}
+        else:
+            voxel_maps = voxel_uncertainty(np.asarray(member_probs), measures=("EoE", "MI"))
         measures = {m: lesions[m].to_numpy(dtype=np.float64) for m in self.inputs.lesion_measures
                     if m in lesions.columns}
         result = evaluate_session(

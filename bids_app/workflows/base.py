@@ -315,7 +315,7 @@ def init_single_session_wf(session: SessionInputs, settings: PipelineSettings) -
             name="evaluation", mem_gb=3.0)
         workflow.connect([
             (postprocess, evaluation, [("instances_file", "instances_file")]),
-            (uncertainty, evaluation, [("lesions_file", "lesions_file")]),
+            (uncertainty, evaluation, [("lesions_file", "lesions_file"), ("voxel_map_files", "voxel_map_files")]),
             (predict, evaluation, [("member_probs_file", "member_probs_file")]),
             (brain_mask, evaluation, [("mask_file", "mask_file")]),
         ])  # fmt:skip
