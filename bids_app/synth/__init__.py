@@ -27,6 +27,14 @@ _EXPORTS = {
     "generate_subject": ".engine",
     "generate_sessions": ".engine",
     "write_dataset": ".writer",
+    # domain-randomised mode (issue 14; docs/synth.md "Domain-randomised mode (issue 14)")
+    "RandomisationParams": ".randomised",
+    "RandomisedSubject": ".randomised",
+    "generate_randomised_subject": ".randomised",
+    "LoadDistribution": ".lesion_load",
+    "PlacementParams": ".lesion_load",
+    "sample_wml_volume_ml": ".lesion_load",
+    "place_wml": ".lesion_load",
 }
 
 __all__ = sorted(_EXPORTS)
