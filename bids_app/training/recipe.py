@@ -118,21 +118,18 @@ class RecipeConfig:
 # 1. data
 # --------------------------------------------------------------------------------------
 def _synth_case(job: dict) -> dict:
-    from bids_app.synth import generate_subject, sample_site
+    """Make, conform and write one case with the generator ``job["generator"]`` (default
+    ``"classic"``; :mod:`bids_app.training.generators`)."""
     from bids_app.training.dataset import conform_case, write_case
+    from bids_app.training.generators import generate_case
 
-    rng = np.random.default_rng(job["seed"])
-    site = sample_site(int(rng.integers(2**31)), index=job["index"])
-    subject = generate_subject(
-        int(rng.integers(2**31)), site, job["resolution"], skull_stripped=True,
-        wml_load=float(rng.uniform(*job["wml_load"])), cl_load=float(rng.uniform(*job["cl_load"])),
-        templates_dir=job["templates_dir"], lesion_dir=job["lesion_dir"])
-    stack, labels, affine = conform_case([subject.t1w, subject.flair], 0, subject.lesion_dseg)
+    channels, lesions, info = generate_case(job.get("generator", "classic"), job["seed"], job["index"],
+                                            job["resolution"], job["wml_load"], job["cl_load"],
+                                            templates_dir=job["templates_dir"], lesion_dir=job["lesion_dir"])
+    stack, labels, affine = conform_case(channels, 0, lesions)
     write_case(Path(job["raw"]), job["case"], stack, labels, affine, job["split"])
     brain = stack[0] != 0
-    return {"case": job["case"], "split": job["split"], "site": subject.site,
-            "t1_contrast": subject.metadata["site"].get("t1_contrast"),
-            "n_wml": int(subject.metadata.get("n_wml", 0)), "n_cl": int(subject.metadata.get("n_cl", 0)),
+    return {"case": job["case"], "split": job["split"], **info,
             "lesion_fraction": float((labels > 0).sum() / max(brain.sum(), 1))}
 
 
