@@ -101,6 +101,7 @@ def template_regions(templates: TemplateSet) -> dict[str, np.ndarray]:
     -------
     dict
         ``infratentorial``, ``ventricles``, ``cortex``, ``deep_gm`` (bool, shape of the template);
+        ``infra_f32`` (the infratentorial mask as float32, for point sampling);
         ``d_vent``, ``d_cortex`` (float32, mm to the nearest ventricle / cortex voxel).
 
     Notes
