@@ -157,7 +157,8 @@ def reduce_plans(
     """Shrink the ``3d_fullres`` network of real nnU-Net plans (recipe: ``docs/demo-model.md``).
 
     Keeps nnU-Net's normalisation and resampling; shortens the per-stage lists to
-    ``len(features)`` stages; keeps only ``3d_fullres``. ``data_identifier`` is left unchanged
+    ``len(features)`` stages (or extends them with 3x3x3, stride-2 stages when nnU-Net planned
+    fewer, as for small images); keeps only ``3d_fullres``. ``data_identifier`` is left unchanged
     when the spacing is unchanged, so the preprocessed data can be reused.
     """
     out = copy.deepcopy(plans)
@@ -168,10 +169,12 @@ def reduce_plans(
     kw = cfg["architecture"]["arch_kwargs"]
     kw["n_stages"] = n
     kw["features_per_stage"] = list(features)
-    kw["kernel_sizes"] = kw["kernel_sizes"][:n]
-    kw["strides"] = kw["strides"][:n]
-    kw["n_conv_per_stage"] = kw["n_conv_per_stage"][:n]
-    kw["n_conv_per_stage_decoder"] = kw["n_conv_per_stage_decoder"][: n - 1]
+    # more stages than nnU-Net planned (small images): 3x3x3 kernels, stride 2, 2 convolutions
+    extra = max(0, n - len(kw["kernel_sizes"]))
+    kw["kernel_sizes"] = (kw["kernel_sizes"] + [[3, 3, 3]] * extra)[:n]
+    kw["strides"] = (kw["strides"] + [[2, 2, 2]] * extra)[:n]
+    kw["n_conv_per_stage"] = (kw["n_conv_per_stage"] + [2] * extra)[:n]
+    kw["n_conv_per_stage_decoder"] = (kw["n_conv_per_stage_decoder"] + [2] * extra)[: n - 1]
     if patch_size_xyz is not None:
         cfg["patch_size"] = [int(p) for p in reversed(patch_size_xyz)]
     if spacing_xyz is not None:

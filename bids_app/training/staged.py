@@ -260,6 +260,7 @@ def train(run: Run) -> dict:
     todo = [m for m in sorted(state["members"], key=int) if not state["members"][m]["done"]]
     events: queue.Queue = queue.Queue()
     running: dict[str, dict] = {}
+    errors: set[str] = set()
     while todo or running:
         while todo and len(running) < max(1, cfg.parallel):
             if not _can_start(run, todo[0]):
@@ -278,7 +279,8 @@ def train(run: Run) -> dict:
         job, member = running[name], state["members"][name]
         member["wall_seconds"] = round(job["wall_before"] + time.monotonic() - job["started"], 1)
         if progress is None:
-            _member_ended(run, name, job["proc"].returncode)
+            if not _member_ended(run, name, job["proc"].returncode) and not job.get("killed"):
+                errors.add(name)
             running.pop(name)
         else:
             if job["first_epoch_at"] is None:
@@ -292,6 +294,10 @@ def train(run: Run) -> dict:
             run.say(progress_line(name, progress, member, run.left()))
         run.save()
     missing = [m for m in sorted(state["members"], key=int) if not state["members"][m]["done"]]
+    failed = [m for m in missing if m in errors]
+    if failed:
+        raise RuntimeError(f"train: nnUNetv2_train failed for members {', '.join(failed)} "
+                           f"(logs/train_member<k>.log)")
     if missing:
         raise BudgetSpent(f"train: members {', '.join(missing)} have not reached {cfg.target_epochs} epochs")
     return {"members": {m: {k: v for k, v in state["members"][m].items() if k in ("epochs_done", "iterations_done",
@@ -310,9 +316,11 @@ def _kill_overdue(run: Run, running: dict) -> None:
         if over > grace and job["proc"].poll() is None:
             run.say(f"member {name}: still running {over:.0f} s after the deadline; terminating it")
             job["proc"].terminate()
+            job["killed"] = True
 
 
-def _member_ended(run: Run, name: str, code: int) -> None:
+def _member_ended(run: Run, name: str, code: int) -> bool:
+    """Record how a member's process ended; False when it failed."""
     cfg, member = run.cfg, run.state["members"][name]
     final = fold_dir(cfg, name) / "checkpoint_final.pth"
     member["runs"] = member.get("runs", 0) + 1
@@ -327,6 +335,8 @@ def _member_ended(run: Run, name: str, code: int) -> None:
     else:
         member["last_error"] = f"exit code {code}; see logs/train_member{name}.log"
         run.say(f"member {name}: nnUNetv2_train failed with exit code {code} (logs/train_member{name}.log)")
+        return False
+    return True
 
 
 def export_member(cfg: StagedConfig, name: str, member: dict) -> Path:
