@@ -7,7 +7,8 @@ throws away the disagreement that deep-ensemble uncertainty needs. :class:`Ensem
 therefore runs nnU-Net's own preprocessing once and then, for each member, nnU-Net's own
 sliding-window inference (Gaussian weighting, optional mirroring) and nnU-Net's own export
 (resampling the logits back, softmax, un-cropping). Each member's output is bit-for-bit what
-``nnUNetPredictor`` gives when it is run with that single fold.
+``nnUNetPredictor`` gives when it is run with that single fold (on CUDA, where the mirrorings of
+a tile go through the network as one batch, within float rounding).
 
 Everything runs in this process: no worker pools, so no large ``/dev/shm`` is needed and no
 stray worker processes are left behind (nnU-Net issue #1789).
@@ -146,6 +147,14 @@ class EnsemblePredictor:
         Sliding-window step as a fraction of the patch (nnU-Net's default 0.5).
     num_threads : int or None
         torch intra-op threads (None leaves torch's setting).
+    mirror_batch : int or None
+        With ``tta``, how many mirrorings of a tile go through the network in one forward pass
+        (``1``: one pass per mirroring, as ``nnUNetPredictor``; ``8``: the tile and its seven
+        mirrorings as one batch of 8). None: 8 on CUDA (fewer, fuller kernel launches; issue 17),
+        1 on the CPU (bit-for-bit nnU-Net). Batched results equal the sequential ones up to float
+        rounding (the same sum in the same order; InstanceNorm is per sample), which nnU-Net's
+        float16 accumulation of the tiles' logits can show as one last-bit change (measured on the
+        CPU: probabilities within 3e-5 to 2.2e-4, tests/test_mirror_batch.py).
     """
 
     def __init__(
@@ -158,6 +167,7 @@ class EnsemblePredictor:
         tta: bool = True,
         tile_step_size: float = 0.5,
         num_threads: int | None = None,
+        mirror_batch: int | None = None,
     ):
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -210,6 +220,11 @@ class EnsemblePredictor:
         self._predictor = predictor
         self.tta = bool(tta)
         self.tile_step_size = float(tile_step_size)
+        if mirror_batch is None:
+            mirror_batch = 8 if self.device.type == "cuda" else 1
+        if int(mirror_batch) < 1:
+            raise UsageError(f"mirror_batch must be >= 1, got {mirror_batch}.")
+        self.mirror_batch = int(mirror_batch)
 
     @property
     def network(self):
@@ -282,7 +297,8 @@ class EnsemblePredictor:
         self._predictor.network.load_state_dict(member.state_dict)
         if self.tta and member.mirroring_axes != self._predictor.allowed_mirroring_axes:
             self._predictor.allowed_mirroring_axes = member.mirroring_axes
-        with contextlib.redirect_stdout(io.StringIO()), _counting_tiles(self._predictor, on_tile):
+        with contextlib.redirect_stdout(io.StringIO()), _batched_mirroring(self._predictor, self.mirror_batch), \
+                _counting_tiles(self._predictor, on_tile):
             return self._predictor.predict_sliding_window_return_logits(data).cpu()
 
     def to_input_geometry(self, logits, properties: dict) -> np.ndarray:
@@ -332,6 +348,69 @@ class EnsemblePredictor:
         return out
 
 
+def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """The flips of a tile that nnU-Net's test-time mirroring averages, in its order: none, then
+    every non-empty combination of the tensor axes (``mirror_axes`` + 2: batch and channel
+    first) by increasing size (``nnUNetPredictor._internal_maybe_mirror_and_predict``)."""
+    import itertools
+
+    axes = [int(a) + 2 for a in mirror_axes]
+    return [()] + [c for k in range(len(axes)) for c in itertools.combinations(axes, k + 1)]
+
+
+def mirrored_prediction(network, x, mirror_axes: Sequence[int] | None, batch: int):
+    """Mean of the network's logits over the mirrorings of ``x``, ``batch`` mirrorings per forward pass.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+    x : torch.Tensor, shape (1, K, *spatial)
+        One tile.
+    mirror_axes : sequence of int or None
+        Spatial axes that may be flipped (None or empty: no mirroring).
+    batch : int
+        Mirrorings per forward pass (>= 1).
+
+    Returns
+    -------
+    torch.Tensor, shape (1, C, *spatial)
+        ``(f(x) + sum_a flip_a(f(flip_a(x)))) / n`` summed in nnU-Net's order.
+    """
+    import torch
+
+    combos = mirror_combinations(mirror_axes) if mirror_axes else [()]
+    prediction = None
+    for start in range(0, len(combos), batch):
+        chunk = combos[start:start + batch]
+        inputs = torch.cat([torch.flip(x, c) if c else x for c in chunk])
+        outputs = network(inputs)
+        for i, c in enumerate(chunk):
+            out = outputs[i:i + 1]
+            out = torch.flip(out, c) if c else out
+            prediction = out.clone() if prediction is None else prediction + out
+    if len(combos) > 1:
+        prediction /= len(combos)
+    return prediction
+
+
+@contextlib.contextmanager
+def _batched_mirroring(predictor, batch: int):
+    """Route nnU-Net's per-tile mirroring through :func:`mirrored_prediction` with ``batch``
+    mirrorings per pass, on this predictor instance only (``batch`` 1: nnU-Net's own code)."""
+    if batch <= 1 or not predictor.use_mirroring:
+        yield
+        return
+
+    def tile(x):
+        return mirrored_prediction(predictor.network, x, predictor.allowed_mirroring_axes, batch)
+
+    predictor._internal_maybe_mirror_and_predict = tile
+    try:
+        yield
+    finally:
+        predictor.__dict__.pop("_internal_maybe_mirror_and_predict", None)
+
+
 @contextlib.contextmanager
 def _counting_tiles(predictor, on_tile):
     """Count nnU-Net's sliding-window tiles while the block runs (``on_tile(done, total)``).
@@ -356,6 +435,7 @@ def _counting_tiles(predictor, on_tile):
         on_tile(state["done"], state["total"])
         return result
 
+    shadowed = predictor.__dict__.get("_internal_maybe_mirror_and_predict")  # _batched_mirroring's, if any
     predictor._internal_predict_sliding_window_return_logits = windows
     predictor._internal_maybe_mirror_and_predict = tile
     try:
@@ -363,3 +443,5 @@ def _counting_tiles(predictor, on_tile):
     finally:  # the instance attributes shadowed the class methods: removing them restores those
         del predictor._internal_predict_sliding_window_return_logits
         del predictor._internal_maybe_mirror_and_predict
+        if shadowed is not None:
+            predictor._internal_maybe_mirror_and_predict = shadowed
