@@ -112,8 +112,9 @@ def make_session(root: Path, shared: Path, grid: str) -> tuple[Path, np.ndarray 
     return bids, motion
 
 
-def full_size_model(root: Path, members: int, seed: int = 0) -> Path:
-    """A random-weight nnU-Net model of the default 3d_fullres size for 1 mm brains (T1w + FLAIR)."""
+def full_size_model(root: Path, members: int, seed: int = 0, features: tuple[int, ...] | None = None) -> Path:
+    """A random-weight nnU-Net model of the default 3d_fullres size for 1 mm brains (T1w + FLAIR);
+    ``features`` gives a smaller network for trials (patch 96^3 then)."""
     import torch
 
     from bids_app.core.segment import build_network
@@ -122,7 +123,8 @@ def full_size_model(root: Path, members: int, seed: int = 0) -> Path:
 
     trainer_dir = root / "Dataset990_FullSize" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
     plans = make_plans("Dataset990_FullSize", n_channels=2, spacing_xyz=(1.0, 1.0, 1.0),
-                       patch_size_xyz=(128, 128, 128), features=(32, 64, 128, 256, 320, 320),
+                       patch_size_xyz=(128, 128, 128) if features is None else (96, 96, 96),
+                       features=features or (32, 64, 128, 256, 320, 320),
                        median_shape_xyz=(182, 218, 182))
     plans["image_reader_writer"] = "NibabelIOWithReorient"
     trainer_dir.mkdir(parents=True)

@@ -13,10 +13,11 @@ network; the repository arrives with its ``.venv`` but without the git-ignored t
 2. runs ``msxplain-tools train-demo WORKDIR --resume --device cuda --budget-seconds B
    --stop-before check_and_tune`` with all members at once (``--parallel``), under a hard
    timeout (``--hard-timeout``, SIGINT then SIGKILL) a little above the budget;
-3. always (even after the timeout) copies the state, the logs, the finished members and every
-   member's ``checkpoint_latest.pth`` / ``checkpoint_final.pth`` to ``$OUT/train-state/``.
+3. always (even after the timeout) packs the state, the logs, the finished members and every
+   member's ``checkpoint_latest.pth`` / ``checkpoint_final.pth`` into ``$OUT/train-state-*.tar``
+   (flat: the device tool returns files at most two folders deep).
 
-Back on the CPU machine, ``--merge $FILES_AT/train-state --into WORKDIR`` copies the members'
+Back on the CPU machine, ``--merge $FILES_AT --into WORKDIR`` unpacks the tars and copies the members'
 checkpoints and their progress into the WORKDIR's state; ``train-demo WORKDIR --resume``
 then continues on CPU. Commands: ``docs/demo-model.md``, "v2 training infrastructure (issue 14)".
 
@@ -37,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,23 +102,53 @@ def run_training(work: Path, args, extra: list[str], resume: bool) -> int:
             return proc.wait()
 
 
+#: what the device tool brings back from $OUT: at most 8 files of 16 MiB, 64 MiB in all, two folders deep
+RETURN_FILE_LIMIT = 16 * 2 ** 20
+
+
 def collect(work: Path, out: Path) -> dict:
-    """State, logs, finished members and the members' checkpoints to ``out/train-state``."""
-    dest = out / "train-state"
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    files = [work / "state.json", work / "cases.json", *work.glob("logs/*"), *work.glob("finished/*/*")]
-    files += [p for name in CHECKPOINTS for p in work.glob(f"nnUNet_results/*/*/fold_*/{name}")]
-    files += list(work.glob("nnUNet_results/*/*/plans.json")) + list(work.glob("nnUNet_results/*/*/dataset.json"))
-    for path in files:
-        if path.is_file():
-            target = dest / path.relative_to(work)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-            copied.append({"path": str(path.relative_to(work)), "bytes": path.stat().st_size})
-    manifest = {"files": copied, "total_bytes": sum(c["bytes"] for c in copied)}
-    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    """State, logs, finished members and the members' checkpoints, packed flat into ``out`` as
+    ``train-state-common.tar`` and one ``train-state-fold_<k>.tar`` per member (the device tool
+    returns at most 8 files of 16 MiB, two folders deep: a tree of checkpoints would not come back)."""
+    import tarfile
+
+    out.mkdir(parents=True, exist_ok=True)
+    common = [work / "state.json", work / "cases.json", *work.glob("logs/*"), *work.glob("finished/*/*")]
+    common += list(work.glob("nnUNet_results/*/*/plans.json")) + list(work.glob("nnUNet_results/*/*/dataset.json"))
+    packs = {"train-state-common.tar": [p for p in common if p.is_file()]}
+    for fold in sorted(work.glob("nnUNet_results/*/*/fold_*")):
+        files = [fold / name for name in CHECKPOINTS if (fold / name).is_file()]
+        if files:
+            packs[f"train-state-{fold.name}.tar"] = files
+    manifest = {"files": [], "total_bytes": 0, "packs": {}}
+    for name, files in packs.items():
+        with tarfile.open(out / name, "w") as tar:
+            for path in files:
+                tar.add(path, arcname=str(path.relative_to(work)))
+                manifest["files"].append({"path": str(path.relative_to(work)), "bytes": path.stat().st_size})
+        size = (out / name).stat().st_size
+        manifest["packs"][name] = size
+        manifest["total_bytes"] += size
+        if size > RETURN_FILE_LIMIT:
+            print(f"warning: {name} is {size / 2 ** 20:.1f} MiB, over the 16 MiB the device tool returns", flush=True)
+    if len(packs) > 7:
+        print(f"warning: {len(packs)} packs + the console log exceed the 8 files the device tool returns", flush=True)
     return manifest
+
+
+def unpack(src: Path) -> Path:
+    """A folder that came back from the device: its ``train-state-*.tar`` unpacked into a new
+    temporary folder, or ``src`` itself when it holds a state tree already."""
+    import tarfile
+
+    tars = sorted(src.glob("train-state-*.tar"))
+    if not tars:
+        return src
+    dest = Path(tempfile.mkdtemp(prefix="train-state-"))
+    for path in tars:
+        with tarfile.open(path) as tar:
+            tar.extractall(dest, filter="data")  # refuses absolute paths, '..' and links out of dest
+    return dest
 
 
 def merge(src: Path, into: Path) -> dict:
@@ -167,7 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--into", type=Path, help="(with --merge) the local WORKDIR")
     args = p.parse_args(argv)
     if args.merge:
-        print(json.dumps({"members_taken": merge(args.merge.resolve(), args.into.resolve())}, indent=1))
+        print(json.dumps({"members_taken": merge(unpack(args.merge.resolve()), args.into.resolve())}, indent=1))
         return 0
     cores = os.cpu_count() or 2
     if args.hard_timeout is None:
@@ -188,7 +220,7 @@ def main(argv=None) -> int:
     print(json.dumps({"exit_code": code, "seconds": round(time.monotonic() - started, 1),
                       "members": {k: {"epochs": m.get("epochs_done"), "done": m.get("done")}
                                   for k, m in final["members"].items()},
-                      "copied_bytes": manifest["total_bytes"], "out": str(args.out / "train-state")}, indent=1))
+                      "copied_bytes": manifest["total_bytes"], "packs": manifest["packs"]}, indent=1))
     return code
 
 
