@@ -203,6 +203,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("demo", "full-size"), default="demo")
     ap.add_argument("--members", type=int, default=1, help="members of the full-size model")
+    ap.add_argument("--features", type=int, nargs="+", default=None,
+                    help="a smaller 'full-size' network (trial runs of the GPU script on a CPU)")
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--grid", choices=("same", "different"), default="same")
     ap.add_argument("--nprocs", type=int, default=2)
@@ -216,7 +218,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_participant_")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
     bids, motion = make_session(root, shared_data_dir(), args.grid)
-    model = "demo" if args.model == "demo" else str(full_size_model(root / "model", args.members))
+    model = "demo" if args.model == "demo" else str(full_size_model(
+        root / "model", args.members, features=tuple(args.features) if args.features else None))
     out, work = root / "out", root / "work"
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "bids_app", str(bids), str(out), "participant", "--model", model, "-w", str(work),

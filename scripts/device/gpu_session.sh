@@ -1,60 +1,93 @@
 #!/usr/bin/env bash
-# One GPU session (run through the library's device tool, from the repository root):
-#   1. train the demo ensemble with the recipe (msxplain-tools train-demo) on synthetic data;
-#   2. benchmark per-member inference against nnUNetv2_predict with full-size default plans,
-#      5 members and TTA on a 1 mm brain-sized image.
-# Packages missing on the device travel as wheels in .devcarry/whl (see docs/demo-model.md);
-# SimpleITK's 52 MB wheel does not fit the transfer, so an import-only stand-in is used
-# (nnU-Net imports it but, with the NibabelIOWithReorient reader, never calls it).
+# One GPU session for every open issue that needs a device (run through the library's device
+# tool from the repository root; 15 minutes in all, start-up included: the stages below fit
+# about 11 minutes of command time and each is cut by `timeout` so that the next still runs):
+#   1. issue 14: train / resume the demo-v2 members (scripts/demo_model/gpu_oneshot.py), ~6 min;
+#   2. issue 17: test-time mirroring loop vs one batch of 8 vs the float32 path on a full-size
+#      5-member model (benchmarks/bench_mirror_batch.py), ~1.5 min;
+#   3. issue 17: a whole participant on the GPU: patient07, full-size 5 members, TTA, explanations
+#      (benchmarks/bench_participant.py), ~2.5 min;
+#   4. issue 2/17: per-member inference against nnUNetv2_predict (benchmarks/bench_inference.py), rest.
+# Everything a stage prints goes to $OUT/console.log; training state comes back as
+# $OUT/train-state-*.tar (merge with gpu_oneshot.py --merge). Carry (run tool `carry`):
+#   .devcarry  (wheels the device lacks in .devcarry/whl, the MNI templates in .devcarry/templates,
+#               the open_ms_data masks in .devcarry/lesions and patient07 in
+#               .devcarry/shared/open_ms_data/cross_sectional/MNI/patient07)
+#   .train-state/demo-v2/state.json  (and any checkpoints that fit)
+# CPU dry run: SKIP_INSTALL=1 DEVICE=cpu TRAIN_BUDGET=60 SMALL=1 OUT=/tmp/out scripts/device/gpu_session.sh
 set -uo pipefail
 START=$(date +%s)
-BUDGET=${BUDGET:-570}
+BUDGET=${BUDGET:-660}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/console.log") 2>&1
 export PYTHONUNBUFFERED=1
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+stage() { echo "==== $1 (at $(( $(date +%s) - START )) s, $(left) s left)"; }
 
-if [ -z "${SKIP_INSTALL:-}" ]; then  # (SKIP_INSTALL=1: a dry run in a venv that has everything)
+if [ -z "${SKIP_INSTALL:-}" ] && ls .devcarry/whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
         .devcarry/whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
 fi
-export PYTHONPATH=/tmp/site:$PWD:$PWD/.devcarry/shim
+PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, numpy, nnunetv2, bids_app.training.recipe as r; print('torch', torch.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())" || exit 1
-NCPU=$(nproc)
-W=$(( NCPU > 2 ? NCPU - 1 : 1 ))
+$PY -c "import torch, nnunetv2, bids_app; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+export TEMPLATEFLOW_HOME=${TEMPLATEFLOW_HOME:-$PWD/.devcarry/templates}
+export MSXPLAIN_SHARED_DATA=${MSXPLAIN_SHARED_DATA:-$PWD/.devcarry/shared}
+export MSXPLAIN_OFFLINE=1
 
-# ---- 1. demo ensemble ------------------------------------------------------------------
-TRAIN_SECONDS=${TRAIN_SECONDS:-200}
-python3 -c "import sys; from bids_app.cli.tools import main; sys.exit(main())" train-demo /tmp/recipe \
-    --out-model /tmp/model --n-train ${N_TRAIN:-60} --n-val ${N_VAL:-10} --n-test ${N_TEST:-8} \
-    --resolution ${RES:-1.0} --workers "$W" --members ${MEMBERS:-4} --train-seconds "$TRAIN_SECONDS" \
-    --iterations-per-epoch ${ITERS:-50} --device "$DEVICE" --features ${FEATURES:-8 16 32 64 96} \
-    --patch-size ${PATCH:-96 96 96} --batch-size 2 --da-workers ${DA:-3} ${EXTRA:-} \
-    --templates .devcarry/templates --lesion-masks .devcarry/lesions
-echo "train-demo exit $? after $(( $(date +%s) - START )) s"
-cp /tmp/recipe/report.json "$OUT/report.json" 2>/dev/null
-tar czf "$OUT/logs.tar.gz" -C /tmp/recipe logs cases.json \
-    $(cd /tmp/recipe && ls -d nnUNet_results/*/*/fold_*/training_log_*.txt nnUNet_results/*/*/fold_*/progress.png 2>/dev/null) \
-    nnUNet_preprocessed/Dataset501_MsxplainSynth/nnUNetPlans.json 2>/dev/null
-MODEL=$(ls -d /tmp/model/*/* 2>/dev/null | head -1)
-if [ -n "$MODEL" ]; then
-    ( cd "$(dirname "$(dirname "$MODEL")")" && rel=${MODEL#$(dirname "$(dirname "$MODEL")")/} &&
-      tar cf "$OUT/model_meta.tar" "$rel"/*.json &&
-      tar cf "$OUT/model_a.tar" "$rel"/fold_0 "$rel"/fold_1 &&
-      tar cf "$OUT/model_b.tar" $(ls -d "$rel"/fold_* | tail -n +3) )
-fi
-
-# ---- 2. inference benchmark (issue 2), if time is left -----------------------------------
-T=$(( $(left) - 15 ))
-if [ "$T" -gt 60 ]; then
-    timeout "$T" python3 benchmarks/bench_inference.py --plans ${BENCH_PLANS:-default} --members 5 \
-        --size ${BENCH_SIZE:-182 218 182} --device "$DEVICE" --workdir /tmp/bench --json "$OUT/bench_inference_gpu.json"
-    echo "bench exit $?"
+# ---- 1. issue 14: demo-v2 members ------------------------------------------------------------
+stage "issue 14: demo-v2 training"
+TRAIN_BUDGET=${TRAIN_BUDGET:-330}
+STATE=${STATE:-.train-state/demo-v2}
+if [ -f "$STATE/state.json" ]; then
+    $PY scripts/demo_model/gpu_oneshot.py --state "$STATE" --out "$OUT" --device "$DEVICE" \
+        --budget-seconds "$TRAIN_BUDGET" --hard-timeout $(( TRAIN_BUDGET + 40 )) -- \
+        --templates "$TEMPLATEFLOW_HOME" --lesion-masks "${LESIONS:-.devcarry/lesions}"
+    echo "training exit $?"
 else
-    echo "no time left for the inference benchmark ($T s)"
+    echo "no $STATE/state.json carried: training skipped"
 fi
-echo "session done after $(( $(date +%s) - START )) s"
+
+# ---- 2. issue 17: batched mirroring and half precision ----------------------------------------
+stage "issue 17: mirroring loop / batch of 8 / float32"
+SIZE=${SIZE:-182 218 182}
+MEMBERS=${MEMBERS:-5}
+SMALLNET=()
+[ -n "${SMALL:-}" ] && SIZE="48 56 48" && MEMBERS=1 && SMALLNET=(--features 8 16 32 64 96)
+timeout $(( $(left) > 120 ? 110 : 30 )) $PY benchmarks/bench_mirror_batch.py --device "$DEVICE" \
+    --members "$MEMBERS" --size $SIZE "${SMALLNET[@]}"
+echo "mirror bench exit $?"
+
+# ---- 3. issue 17: a whole participant ---------------------------------------------------------
+stage "issue 17: participant (full-size, TTA, explanations)"
+T=$(( $(left) - 100 ))
+if [ "$T" -gt 60 ]; then
+    SMALLEXPLAIN=()
+    [ -n "${SMALL:-}" ] && SMALLEXPLAIN=(--explain-max-lesions 1 --explain-samples 2)
+    rm -rf /tmp/bench_participant
+    timeout "$T" $PY benchmarks/bench_participant.py --model full-size --members "$MEMBERS" --tta \
+        --grid different --no-rerun --keep /tmp/bench_participant "${SMALLNET[@]}" \
+        --extra --device "$DEVICE" --explain "${SMALLEXPLAIN[@]}"
+    echo "participant bench exit $?"
+    cp /tmp/bench_participant/bench.json "$OUT/bench_participant.json" 2>/dev/null
+else
+    echo "no time left for the participant ($T s)"
+fi
+
+# ---- 4. per-member inference vs nnUNetv2_predict -----------------------------------------------
+stage "issue 2/17: inference vs nnUNetv2_predict"
+T=$(( $(left) - 10 ))
+if [ "$T" -gt 60 ] && [ -z "${SMALL:-}" ]; then
+    timeout "$T" $PY benchmarks/bench_inference.py --plans default --members "$MEMBERS" --size $SIZE \
+        --device "$DEVICE" --workdir /tmp/bench --json "$OUT/bench_inference.json"
+    echo "inference bench exit $?"
+else
+    echo "inference benchmark skipped ($T s left)"
+fi
+stage "done"
 ls -la "$OUT"
