@@ -99,6 +99,20 @@ class nnUNetTrainerMsxplain(nnUNetTrainer):
             _seed_everything(self.member_seed * 100_003 + self.current_epoch)
         super().on_train_start()
 
+    def _one_epoch(self) -> None:
+        """nnU-Net's epoch (``nnUNetTrainer.run_training``'s loop body): training iterations,
+        validation iterations, then ``on_epoch_end`` (logging, checkpoints, epoch count)."""
+        self.on_epoch_start()
+        self.on_train_epoch_start()
+        train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
+        self.on_train_epoch_end(train_outputs)
+        with torch.no_grad():
+            self.on_validation_epoch_start()
+            val_outputs = [self.validation_step(next(self.dataloader_val))
+                           for _ in range(self.num_val_iterations_per_epoch)]
+            self.on_validation_epoch_end(val_outputs)
+        self.on_epoch_end()
+
     def run_training(self):
         if self.resumable:
             return self._run_resumable()
@@ -107,16 +121,7 @@ class nnUNetTrainerMsxplain(nnUNetTrainer):
         epoch_one_done = None
         epoch = self.current_epoch
         while epoch < self.num_epochs:
-            self.on_epoch_start()
-            self.on_train_epoch_start()
-            train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
-            self.on_train_epoch_end(train_outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                val_outputs = [self.validation_step(next(self.dataloader_val))
-                               for _ in range(self.num_val_iterations_per_epoch)]
-                self.on_validation_epoch_end(val_outputs)
-            self.on_epoch_end()
+            self._one_epoch()
             epoch = self.current_epoch
             if self.time_budget and epoch == 1:
                 epoch_one_done = time.monotonic()
@@ -146,16 +151,7 @@ class nnUNetTrainerMsxplain(nnUNetTrainer):
         run_epochs, durations = 0, []
         while self.current_epoch < self.num_epochs:
             started = time.monotonic()
-            self.on_epoch_start()
-            self.on_train_epoch_start()
-            train_outputs = [self.train_step(next(self.dataloader_train)) for _ in range(self.num_iterations_per_epoch)]
-            self.on_train_epoch_end(train_outputs)
-            with torch.no_grad():
-                self.on_validation_epoch_start()
-                val_outputs = [self.validation_step(next(self.dataloader_val))
-                               for _ in range(self.num_val_iterations_per_epoch)]
-                self.on_validation_epoch_end(val_outputs)
-            self.on_epoch_end()
+            self._one_epoch()
             run_epochs += 1
             durations.append(time.monotonic() - started)
             self._report_progress(durations[-1])
