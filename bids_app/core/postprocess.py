@@ -230,13 +230,23 @@ def segment_lesions(
         thr = {c: float(thresholds) for c in lesion_labels}
 
     shape = class_probs.shape[1:]
-    best_prob = np.full(shape, -1.0, dtype=np.float32)
     dseg = np.zeros(shape, dtype=np.uint8)
-    for c in lesion_labels:
-        p = class_probs[c]
-        passes = (p >= thr[c]) & (p > best_prob)
-        dseg[passes] = c
-        best_prob[passes] = p[passes]
+    if lesion_labels:
+        # only the voxels where some lesion class reaches its threshold are touched (a small part
+        # of a brain volume): among the classes that pass there, the most probable wins, the
+        # first in ``lesion_labels`` on a tie
+        passing = np.zeros(shape, dtype=bool)
+        for c in lesion_labels:
+            passing |= class_probs[c] >= thr[c]
+        idx = np.flatnonzero(passing)
+        candidates = np.stack([class_probs[c].ravel()[idx] for c in lesion_labels])
+        # thresholds in the probabilities' own dtype, as ``p >= t`` with a Python float compares
+        # (NumPy 2: the scalar takes the array's dtype), so ``passing`` and ``reached`` agree
+        cut = np.array([thr[c] for c in lesion_labels]).astype(candidates.dtype if candidates.dtype.kind == "f"
+                                                                 else np.float64)
+        reached = candidates >= cut[:, None]
+        winner = np.argmax(np.where(reached, candidates, -1.0), axis=0)
+        dseg.ravel()[idx] = np.asarray(lesion_labels, dtype=np.uint8)[winner]
 
     instances = np.zeros(shape, dtype=np.int32)
     classes: list[np.ndarray] = []
@@ -245,8 +255,9 @@ def segment_lesions(
     for c in lesion_labels:
         kept = remove_small_components(dseg == c, min_size, connectivity)
         labels, n = label_components(kept, connectivity)
-        cleaned_dseg[kept] = c
-        instances[kept] = labels[kept] + offset
+        kept_idx = np.flatnonzero(kept)
+        cleaned_dseg.ravel()[kept_idx] = c
+        instances.ravel()[kept_idx] = labels.ravel()[kept_idx] + offset
         classes.append(np.full(n, c, dtype=np.int32))
         offset += n
     instance_class = np.concatenate(classes) if classes else np.zeros(0, dtype=np.int32)

@@ -139,3 +139,21 @@ def test_segmentation_from_maps_round_trip_and_checks():
         segmentation_from_maps(np.where(gap > 0, seg.dseg, 0), gap)
     with pytest.raises(ValueError, match="shape"):
         segmentation_from_maps(seg.dseg[:-1], seg.instances)
+
+
+@pytest.mark.parametrize("t", [0.35, 0.45, 0.3])
+def test_a_probability_exactly_at_the_float32_threshold_passes_for_every_class(t):
+    """``p >= t`` compares in the probabilities' float32 (NumPy 2 weak scalars): a voxel at
+    float32(t) passes even where float32(t) < t (0.35, 0.45), whichever class it belongs to,
+    and one a float32 step below does not."""
+    at, below = np.float32(t), np.nextafter(np.float32(t), np.float32(0))
+    q = np.zeros((3, 20, 20, 20), np.float32)
+    q[1, 2:5, 2:5, 2:5] = at          # class 1 at the threshold
+    q[2, 8:11, 8:11, 8:11] = at       # class 2 at the threshold (class 1 is 0 there)
+    q[2, 14:17, 14:17, 14:17] = below  # class 2 just below
+    q[0] = 1 - q[1] - q[2]
+    seg = segment_lesions(q, [1, 2], t, 1, 26)
+    assert (seg.dseg[2:5, 2:5, 2:5] == 1).all()
+    assert (seg.dseg[8:11, 8:11, 8:11] == 2).all()
+    assert not seg.dseg[14:17, 14:17, 14:17].any()
+    assert list(seg.instance_class) == [1, 2]
