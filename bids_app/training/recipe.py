@@ -133,18 +133,27 @@ def _synth_case(job: dict) -> dict:
             "lesion_fraction": float((labels > 0).sum() / max(brain.sum(), 1))}
 
 
+def case_jobs(cfg, raw: Path, n_train: int, **extra) -> list[dict]:
+    """One synthesis job per case: training (``train_###``), validation (``val_###``, also in
+    nnU-Net's imagesTr) and test (``test_###``, imagesTs) cases, each with its own seed
+    ``cfg.seed * 1_000_003 + index``; ``extra`` keys are added to every job."""
+    jobs = []
+    for split, n, tag in (("Tr", n_train, "train"), ("Tr", cfg.n_val, "val"), ("Ts", cfg.n_test, "test")):
+        for i in range(n):
+            index = len(jobs)
+            jobs.append({"seed": cfg.seed * 1_000_003 + index, "index": index, "resolution": cfg.resolution_mm,
+                         "wml_load": cfg.wml_load, "cl_load": cfg.cl_load, "templates_dir": cfg.templates_dir,
+                         "lesion_dir": cfg.lesion_dir, "raw": str(raw), "case": f"{tag}_{i:03d}", "split": split,
+                         **extra})
+    return jobs
+
+
 def synthesize(cfg: RecipeConfig) -> dict[str, list[dict]]:
     from bids_app.training.dataset import write_dataset_json
 
     raw = cfg.workdir / "nnUNet_raw" / cfg.dataset
     raw.mkdir(parents=True, exist_ok=True)
-    jobs = []
-    for split, n, tag in (("Tr", cfg.n_train, "train"), ("Tr", cfg.n_val, "val"), ("Ts", cfg.n_test, "test")):
-        for i in range(n):
-            index = len(jobs)
-            jobs.append({"seed": cfg.seed * 1_000_003 + index, "index": index, "resolution": cfg.resolution_mm,
-                         "wml_load": cfg.wml_load, "cl_load": cfg.cl_load, "templates_dir": cfg.templates_dir,
-                         "lesion_dir": cfg.lesion_dir, "raw": str(raw), "case": f"{tag}_{i:03d}", "split": split})
+    jobs = case_jobs(cfg, raw, cfg.n_train)
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
         results = list(pool.map(_synth_case, jobs))
     cases = {"train": [], "val": [], "test": []}

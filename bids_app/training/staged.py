@@ -100,16 +100,7 @@ class Run:
 # 1. synthesis (resumable case by case)
 # --------------------------------------------------------------------------------------
 def _case_jobs(cfg: StagedConfig) -> list[dict]:
-    raw = cfg.workdir / "nnUNet_raw" / cfg.dataset
-    jobs = []
-    for split, n, tag in (("Tr", cfg.n_pool, "train"), ("Tr", cfg.n_val, "val"), ("Ts", cfg.n_test, "test")):
-        for i in range(n):
-            index = len(jobs)
-            jobs.append({"seed": cfg.seed * 1_000_003 + index, "index": index, "resolution": cfg.resolution_mm,
-                         "wml_load": cfg.wml_load, "cl_load": cfg.cl_load, "templates_dir": cfg.templates_dir,
-                         "lesion_dir": cfg.lesion_dir, "raw": str(raw), "case": f"{tag}_{i:03d}", "split": split,
-                         "generator": cfg.generator})
-    return jobs
+    return R.case_jobs(cfg, cfg.workdir / "nnUNet_raw" / cfg.dataset, cfg.n_pool, generator=cfg.generator)
 
 
 def synthesize(run: Run) -> dict:
